@@ -1,0 +1,49 @@
+# Two commands for a newcomer: `make serve` and `make test`. Everything else is optional.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines take the CPU wheel of torch (already on disk on these machines); the GPU image
+# installs the CUDA build itself (docker/Dockerfile). Never an unpinned torch here.
+TORCH_SPEC ?= torch==2.13.0
+SHARED ?= ../shared/data
+
+.PHONY: serve test setup lint bench eval demo-model index clean
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m service
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+eval: $(STAMP)
+	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data $(SHARED)/eval/dxy_dev.jsonl \
+		--label-map $(SHARED)/eval/label_map.json
+	$(PY) -m safety eval
+
+bench: $(STAMP)
+	$(PY) bench/retrieval.py
+	$(PY) bench/triage.py
+	$(PY) bench/serving.py
+
+index: $(STAMP)
+	$(PY) -m knowledge build --library $${DOCTORGLM_KNOWLEDGE_PATH:-knowledge/data/sample_diseases.jsonl}
+
+demo-model: $(STAMP)
+	$(PY) -m training demo
+
+clean:
+	rm -rf .cache .pytest_cache

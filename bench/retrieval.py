@@ -1,0 +1,105 @@
+"""Retrieval latency: this project vs rank-bm25 BM25Okapi, from one run; writes bench/results/retrieval.json.
+
+Also checks that the plain-BM25 fast path (bm25s, method="robertson") returns the same top-k as
+rank-bm25 BM25Okapi(k1, b, epsilon=0) over the same tokens.
+
+    python bench/retrieval.py [--library ../shared/data/diseases.jsonl] [--queries N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from rank_bm25 import BM25Okapi
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from knowledge.search import Retriever, _top  # noqa: E402
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    arr = np.array(ms)
+    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
+            "mean_ms": float(arr.mean())}
+
+
+def same_topk(a: np.ndarray, b: np.ndarray, scores: np.ndarray, k: int) -> bool:
+    """Equal top-k ids, allowing swaps between documents whose scores tie."""
+    if list(a[:k]) == list(b[:k]):
+        return True
+    sa, sb = np.sort(scores[a[:k]]), np.sort(scores[b[:k]])
+    return bool(np.allclose(sa, sb, rtol=1e-6, atol=1e-9))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--library", default=str(ROOT.parent / "shared/data/diseases.jsonl"))
+    parser.add_argument("--queries-file", default=str(ROOT.parent / "shared/data/eval/dxy_dev.jsonl"))
+    parser.add_argument("--cache-dir", default=str(ROOT / ".cache/knowledge"))
+    parser.add_argument("--queries", type=int, default=250, help="queries timed (rank-bm25 ~0.15 s each)")
+    parser.add_argument("-k", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "bench/results/retrieval.json"))
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    retriever = Retriever.load_or_build(Path(args.library), Path(args.cache_dir), progress=True)
+    load_s = time.perf_counter() - start
+    lines = Path(args.queries_file).read_text(encoding="utf-8").splitlines()
+    queries = [json.loads(x)["query"] for x in lines if x.strip()][: args.queries]
+    settings = retriever.index.settings
+    corpus = retriever.index.corpus_tokens()
+    t0 = time.perf_counter()
+    okapi = BM25Okapi(corpus, k1=settings.k1, b=settings.b, epsilon=0)
+    okapi_build_s = time.perf_counter() - t0
+
+    for q in queries[:20]:  # warm caches of both sides
+        retriever.search(q)
+    ours, plain, ref, matches = [], [], [], 0
+    for q in queries:
+        t = time.perf_counter()
+        retriever.search(q, k=args.k)
+        ours.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        tokens = retriever.plain_tokens(q)
+        fast_scores = retriever.plain_scores(tokens)
+        fast = _top(fast_scores, args.k)
+        plain.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        tokens = retriever.plain_tokens(q)
+        ref_scores = okapi.get_scores(tokens)
+        slow = np.argsort(-ref_scores, kind="stable")[: args.k]
+        ref.append((time.perf_counter() - t) * 1000)
+        matches += same_topk(fast, slow, ref_scores, args.k)
+
+    rows = {"this project (fielded + priors, full search)": percentiles(ours),
+            "this project plain BM25 fast path (bm25s)": percentiles(plain),
+            "rank-bm25 BM25Okapi (epsilon=0)": percentiles(ref)}
+    ref_p = rows["rank-bm25 BM25Okapi (epsilon=0)"]
+    print(f"library: {retriever.size} diseases, {len(queries)} queries, k={args.k}, "
+          f"index load {load_s:.2f}s, rank-bm25 build {okapi_build_s:.1f}s")
+    print(f"{'method':48s} {'p50 ms':>8s} {'p99 ms':>8s} {'p50 ratio':>10s} {'p99 ratio':>10s}")
+    for name, p in rows.items():
+        p["p50_speedup_vs_rank_bm25"] = ref_p["p50_ms"] / p["p50_ms"]
+        p["p99_speedup_vs_rank_bm25"] = ref_p["p99_ms"] / p["p99_ms"]
+        print(f"{name:48s} {p['p50_ms']:8.2f} {p['p99_ms']:8.2f} "
+              f"{p['p50_speedup_vs_rank_bm25']:9.0f}x {p['p99_speedup_vs_rank_bm25']:9.0f}x")
+    print(f"plain fast path top-{args.k} == rank-bm25 top-{args.k}: {matches}/{len(queries)} queries")
+    result = {"library": str(args.library), "documents": retriever.size, "queries": len(queries), "k": args.k,
+              "index_load_s": load_s, "rank_bm25_build_s": okapi_build_s, "rows": rows,
+              "topk_match": {"matched": matches, "total": len(queries)},
+              "machine": {"python": platform.python_version(), "platform": platform.platform()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+    print(f"written to {args.out}")
+    return 0 if matches == len(queries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The retriever: complaint (+ history) -> ranked diseases with the evidence for each.
+
+Ranking = weighted per-field BM25 (name/aliases, symptoms, prose), then, on the best candidates, priors
+from the library's own fields (prevalence, department / susceptible people vs. patient cues) and a
+symptom-overlap bonus. `mode="plain"` is classic single-field BM25 (equal to rank-bm25 BM25Okapi with
+epsilon=0), kept for benchmarks and as a reference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bm25s
+import numpy as np
+
+from knowledge.evaluate import strip_age
+from knowledge.index import IndexSettings, LibraryIndex
+from knowledge.schema import Disease
+from knowledge.text import PatientCues, QueryTerms, decayed, lay_terms, normalise, patient_cues
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Query-time weights (not part of the index cache key: they do not change the index)."""
+
+    mode: str = "fielded"  # "fielded" or "plain"
+    w_name: float = 1.0
+    w_symptoms: float = 1.0
+    w_prose: float = 0.35
+    subword_weight: float = 0.4  # sub-words of a long term count less than the term itself
+    lay_weight: float = 0.8  # clinical word added for a patient's everyday word (发烧 -> 发热)
+    generic_ratio: float = 40.0  # drop words far more common in general Chinese than in the library
+    name_symptom_df: float = 30.0  # a word listed as a symptom of many diseases says little via a name
+    history_decay: float = 0.5  # weight of a turn = decay ** (turns back from the present)
+    rerank_depth: int = 50
+    w_prevalence: float = 0.2  # per decade of prevalence (percent, log10)
+    default_prevalence: float = 0.005  # the library's median, for documents without one
+    w_child_match: float = 0.3
+    w_child_mismatch: float = 0.12
+    w_adult_child_only: float = 0.3
+    w_sex_mismatch: float = 0.3
+    w_overlap: float = 0.25
+    w_symptom_entry: float = 0.6  # entries named after a symptom (发烧, 咳嗽) explain nothing
+    symptom_entry_df: int = 100  # ...when at least this many documents list that name as a symptom
+    w_coverage: float = 0.5  # share of the patient's symptom words the document mentions
+    coverage_symptom_share: float = 0.6  # a symptom-list mention counts this much, prose the rest
+    confident_margin: float = 0.5  # dxy_dev half a: top-1 precision did not rise with margin, so rarely confident
+
+
+@dataclass
+class Hit:
+    disease: Disease
+    score: float
+    matched_keywords: list[str] = field(default_factory=list)
+    matched_fields: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"id": self.disease.id, "name": self.disease.name, "score": round(self.score, 4),
+                "matched_keywords": self.matched_keywords, "matched_fields": self.matched_fields}
+
+
+@dataclass
+class SearchResult:
+    query: str
+    keywords: list[str]
+    hits: list[Hit]
+    confident: bool
+    latency_ms: float
+    negated: list[str] = field(default_factory=list)
+    cues: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"query": self.query, "keywords": self.keywords, "negated": self.negated,
+                "confident": self.confident, "latency_ms": round(self.latency_ms, 3), "cues": self.cues,
+                "hits": [h.to_dict() for h in self.hits]}
+
+
+_MATCH_FIELDS = ("name", "aliases", "symptoms", "description", "diagnosis")
+
+
+class Retriever:
+    """Search over one library. Build with `Retriever.load_or_build`."""
+
+    def __init__(self, index: LibraryIndex, settings: SearchSettings | None = None) -> None:
+        self.index = index
+        self.settings = settings or SearchSettings()
+        m = index.meta
+        prev = np.where(np.isnan(m.prevalence), self.settings.default_prevalence, m.prevalence)
+        self._log_prev = np.log10(np.clip(prev, 1e-4, 100.0))
+        self._sym_len = np.array([max(len(s), 1) for s in m.symptoms], dtype=float)
+        self._user_words = set(index.text.user_words)
+        self._keep_cache: dict[str, bool] = {}
+        self._symptom_entry = np.array([self._df("symptoms", normalise(strip_age(n))) >= self.settings.symptom_entry_df
+                                        for n in m.names], dtype=bool)
+
+    def _df(self, fname: str, term: str) -> int:
+        model = self.index.fields[fname]
+        tid = model.vocab_dict.get(term)
+        if tid is None:
+            return 0
+        indptr = model.scores["indptr"]
+        return int(indptr[tid + 1] - indptr[tid])
+
+    def _keep(self, term: str) -> bool:
+        """Generic-word filter: a word that general Chinese uses far more often than the library does
+        (吃, 说, 起来) gets a high IDF in BM25 and matches unrelated documents, so it is dropped."""
+        kept = self._keep_cache.get(term)
+        if kept is None:
+            if len(term) == 1:  # single characters (split drug names, 吃, 睡) match at random;
+                kept = False  # the ones that carry a symptom (吐, 咳, 痒) reach the search via lay_terms
+            elif term in self._user_words:
+                kept = True
+            else:
+                df = self._df("all", term)
+                jb = self.index.text.jieba
+                general = jb.FREQ.get(term, 0) / max(jb.total, 1)
+                kept = df > 0 and (general == 0 or (df / self.size) / general >= self.settings.generic_ratio)
+            if len(self._keep_cache) < 100_000:
+                self._keep_cache[term] = kept
+        return kept
+
+    @classmethod
+    def load_or_build(cls, library_path: Path, cache_dir: Path, progress: bool = True,
+                      settings: SearchSettings | None = None,
+                      index_settings: IndexSettings | None = None) -> Retriever:
+        index = LibraryIndex.load_or_build(Path(library_path), Path(cache_dir), index_settings, progress)
+        return cls(index, settings)
+
+    @property
+    def size(self) -> int:
+        return self.index.size
+
+    @property
+    def library_path(self) -> Path:
+        return self.index.library_path
+
+    def get(self, disease_id: str) -> Disease:
+        return self.index.doc(self.index.row(disease_id))
+
+    # -- query side -------------------------------------------------------------------------------
+    def _weighted_terms(self, query: str, history: Sequence[str]) -> tuple[Counter[str], QueryTerms]:
+        s = self.settings
+        weights: Counter[str] = Counter()
+        current = self.index.text.query_terms(query)
+        turns = [*decayed(list(history), s.history_decay), (query, 1.0)]
+        for i, (text, w) in enumerate(turns):
+            is_now = i == len(turns) - 1
+            qt = current if is_now else self.index.text.query_terms(text)
+            # Repeats count with diminishing returns, so one long complaint does not drown the rest.
+            lay = lay_terms()
+            for group, factor in ((qt.terms, 1.0), (qt.subterms, s.subword_weight)):
+                for term, n in Counter(group).items():
+                    tw = w * factor * (1 + 0.5 * math.log(n))
+                    if self._keep(term):
+                        weights[term] += tw
+                    for clinical in lay.get(term, ()):
+                        weights[clinical] = max(weights[clinical], tw * s.lay_weight)
+            for term in qt.negated:
+                if is_now:
+                    for t in (term, *lay_terms().get(term, ())):
+                        weights.pop(t, None)  # "no fever now" overrides fever mentioned earlier
+        return weights, current
+
+    def _field_scores(self, fname: str, weights: dict[str, float]) -> np.ndarray:
+        model: bm25s.BM25 = self.index.fields[fname]
+        vocab, sc = model.vocab_dict, model.scores
+        indptr, indices, data = sc["indptr"], sc["indices"], sc["data"]
+        idx, vals = [], []
+        for term, w in weights.items():
+            tid = vocab.get(term)
+            if tid is None or w == 0:
+                continue
+            a, b = indptr[tid], indptr[tid + 1]
+            idx.append(indices[a:b])
+            vals.append(data[a:b] * w if w != 1 else data[a:b])
+        if not idx:
+            return np.zeros(self.size)
+        return np.bincount(np.concatenate(idx), weights=np.concatenate(vals), minlength=self.size)
+
+    def plain_scores(self, tokens: Sequence[str]) -> np.ndarray:
+        """Classic BM25 over the single 'all' field; repeated tokens count again, as in rank-bm25."""
+        return self._field_scores("all", dict(Counter(tokens)))
+
+    def plain_tokens(self, query: str) -> list[str]:
+        qt = self.index.text.query_terms(query)
+        return qt.terms + qt.subterms
+
+    def _priors(self, rows: np.ndarray, cues: PatientCues) -> np.ndarray:
+        s, m = self.settings, self.index.meta
+        prior = s.w_prevalence * self._log_prev[rows] - s.w_symptom_entry * self._symptom_entry[rows]
+        child, child_only = m.child[rows], m.child_only[rows]
+        if cues.child:
+            prior += s.w_child_match * child - s.w_child_mismatch * m.adult_only[rows]
+        elif cues.adult:
+            prior -= s.w_adult_child_only * child_only
+        if cues.sex == "male":
+            prior -= s.w_sex_mismatch * (m.female[rows] & ~m.male[rows])
+        elif cues.sex == "female":
+            prior -= s.w_sex_mismatch * (m.male[rows] & ~m.female[rows])
+        return prior
+
+    def _postings(self, fname: str, term: str) -> np.ndarray:
+        model = self.index.fields[fname]
+        tid = model.vocab_dict.get(term)
+        if tid is None:
+            return np.zeros(0, dtype=np.int32)
+        ip = model.scores["indptr"]
+        return model.scores["indices"][ip[tid]:ip[tid + 1]]
+
+    def _coverage(self, weights: dict[str, float]) -> np.ndarray:
+        """Weighted share of the patient's symptom words found in each document (symptom list, prose).
+        Unlike BM25 it does not reward one word repeated or short documents: a disease that explains
+        all the complaints beats one that matches one complaint many times."""
+        s = self.settings
+        idx, vals = [], []
+        total = 0.0
+        for term, w in weights.items():
+            if self._df("symptoms", term) == 0:  # only symptom words are complaints to explain
+                continue
+            wi = w * math.log(1 + self.size / (1 + self._df("all", term)))
+            total += wi
+            for fname, share in (("symptoms", s.coverage_symptom_share), ("all", 1 - s.coverage_symptom_share)):
+                post = self._postings(fname, term)
+                idx.append(post)
+                vals.append(np.full(len(post), wi * share))
+        if not idx:
+            return np.zeros(self.size)
+        return np.bincount(np.concatenate(idx), weights=np.concatenate(vals), minlength=self.size) / total
+
+    def _overlap(self, rows: np.ndarray, text: str, negated: set[str]) -> np.ndarray:
+        # Share of a disease's listed symptoms that the patient states (negated ones do not count).
+        sym = self.index.meta.symptoms
+        out = np.zeros(len(rows))
+        for i, r in enumerate(rows):
+            hits = sum(1 for t in sym[r] if t in text and t not in negated)
+            if hits:
+                out[i] = hits / math.sqrt(self._sym_len[r])
+        return out
+
+    def search(self, query: str, history: Sequence[str] = (), k: int = 5) -> SearchResult:
+        start = time.perf_counter()
+        s = self.settings
+        if s.mode == "plain":
+            tokens = self.plain_tokens(query)
+            scores = self.plain_scores(tokens)
+            rows = _top(scores, k)
+            rows = rows[scores[rows] > 0]
+            final = scores[rows]
+            keywords, negated, cues = list(dict.fromkeys(tokens)), [], PatientCues()
+        else:
+            weights, current = self._weighted_terms(query, history)
+            keywords, negated = list(weights), current.negated
+            all_text = normalise(" ".join([*history, query]))
+            cues = patient_cues(all_text, [*current.tokens, *(t for h in history for t in h.split())])
+            if weights:
+                name_w = {t: w / (1 + self._df("symptoms", t) / s.name_symptom_df) for t, w in weights.items()}
+                bm = (s.w_name * self._field_scores("name", name_w)
+                      + s.w_symptoms * self._field_scores("symptoms", weights)
+                      + s.w_prose * self._field_scores("prose", weights))
+            else:
+                bm = np.zeros(self.size)
+            top = bm.max() if self.size else 0.0
+            if top > 0:
+                # Every document is scored (vectorised): a rare-word BM25 shortlist would drop the common
+                # disease before the priors could lift it.
+                everyone = np.arange(self.size)
+                final = (bm / top + s.w_coverage * self._coverage(weights)
+                         + self._priors(everyone, cues))
+                final[bm <= 0] = -np.inf
+                rows = _top(final, s.rerank_depth)
+                rows = rows[np.isfinite(final[rows])]
+                final = final[rows] + s.w_overlap * self._overlap(rows, normalise(query), set(negated))
+                order = np.argsort(-final, kind="stable")[:k]
+                rows, final = rows[order], final[order]
+            else:
+                rows, final = np.zeros(0, dtype=int), np.zeros(0)
+        hits = [self._hit(int(r), float(sc), keywords) for r, sc in zip(rows, final, strict=True)]
+        confident = bool(len(hits) == 1 or (len(hits) > 1 and final[0] - final[1] >= s.confident_margin))
+        latency = (time.perf_counter() - start) * 1000
+        return SearchResult(query=query, keywords=keywords, hits=hits, confident=confident and bool(hits),
+                            latency_ms=latency, negated=negated, cues=cues.as_dict())
+
+    def _hit(self, row: int, score: float, keywords: list[str]) -> Hit:
+        disease = self.index.doc(row)
+        matched: list[str] = []
+        fields: list[str] = []
+        texts = {f: normalise(disease.section(f)) for f in _MATCH_FIELDS}
+        texts["name"] = normalise(disease.name)
+        for kw in keywords:
+            where = [f for f, t in texts.items() if kw in t]
+            if where:
+                matched.append(kw)
+                fields.extend(f for f in where if f not in fields)
+        return Hit(disease=disease, score=score, matched_keywords=matched,
+                   matched_fields=[f for f in _MATCH_FIELDS if f in fields])
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores, best first (ties: lower index first, as a stable sort)."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.zeros(0, dtype=int)
+    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    return part[np.lexsort((part, -scores[part]))]

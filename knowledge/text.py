@@ -1,0 +1,263 @@
+"""Chinese text handling for retrieval: a private jieba tokenizer, stopwords, negation, patient cues.
+
+A private `jieba.Tokenizer` (not the module-level one) keeps our user dictionary from leaking into
+other code in the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import jieba
+
+jieba.setLogLevel(logging.CRITICAL + 10)  # jieba logs "Building prefix dict..." at INFO
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# Frequency for user-dictionary words: field notes measured that ~10 splits names, ~100+ keeps them.
+USER_WORD_FREQ = 2000
+# Longest user word the dictionary keeps; longer "symptoms" are really sentences.
+MAX_USER_WORD = 12
+
+_PUNCT = re.compile(r"[\s,，.。;；:：!！?？、()（）\[\]【】<>《》\"'“”‘’/\\|~～…\-—_=+*&^%$#@`]+")
+_WORDISH = re.compile(r"[\u4e00-\u9fff]|[a-z]{2,}|[0-9]+")
+_NUM_CN = "零一二三四五六七八九十两半"
+# Dates, ages, doses and durations ("十公斤", "两岁", "三日", "39度"): numbers say nothing about a disease.
+_MEASURE = re.compile(r"^[0-9.零一二三四五六七八九十两半几百千万多第每前后]+"
+                      r"[个岁周月天日号点分秒时年次回顿口毫升克斤公度斤星期小半多]*[个岁周月天日号点分秒时年次回顿口"
+                      r"毫升克斤公度星期小时钟半多]?$")
+
+
+def _read_list(name: str) -> frozenset[str]:
+    lines = (DATA_DIR / name).read_text(encoding="utf-8").splitlines()
+    return frozenset(w.strip().lower() for w in lines if w.strip() and not w.startswith("#"))
+
+
+@lru_cache(maxsize=1)
+def stopwords() -> frozenset[str]:
+    return _read_list("stopwords.txt")
+
+
+@lru_cache(maxsize=1)
+def generic_words() -> frozenset[str]:
+    return _read_list("generic_words.txt")
+
+
+@lru_cache(maxsize=1)
+def cue_words() -> dict[str, frozenset[str]]:
+    raw = json.loads((DATA_DIR / "cue_words.json").read_text(encoding="utf-8"))
+    return {k: frozenset(v) for k, v in raw.items() if not k.startswith("_")}
+
+
+@lru_cache(maxsize=1)
+def lay_terms() -> dict[str, tuple[str, ...]]:
+    raw = json.loads((DATA_DIR / "lay_terms.json").read_text(encoding="utf-8"))
+    return {k: tuple(v) for k, v in raw.items() if not k.startswith("_")}
+
+
+def normalise(text: str) -> str:
+    """Lower-case, full-width to half-width digits/letters (so ３岁 == 3岁)."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xFF01 <= code <= 0xFF5E and ch not in "，。！？；：（）":
+            ch = chr(code - 0xFEE0)
+        out.append(ch)
+    return "".join(out).lower()
+
+
+def clean_term(term: str) -> str:
+    """A library term usable as a dictionary word ('' when it is not one)."""
+    term = term.strip().rstrip(".…").strip()
+    if not (2 <= len(term) <= MAX_USER_WORD) or _PUNCT.search(term):
+        return ""
+    return normalise(term)
+
+
+def is_content(token: str) -> bool:
+    """A token worth searching for: not punctuation, stopword, generic word or a bare number."""
+    if len(token) < 1 or not _WORDISH.search(token):
+        return False
+    if token in stopwords() or token in generic_words():
+        return False
+    if token.isdigit() or all(c in _NUM_CN for c in token) or _MEASURE.match(token):
+        return False
+    return not (len(token) == 1 and not ("\u4e00" <= token <= "\u9fff"))
+
+
+@dataclass
+class PatientCues:
+    """What the complaint says about the patient (None = not stated)."""
+
+    child: bool = False
+    adult: bool = False
+    elderly: bool = False
+    sex: str | None = None  # "female" / "male"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"child": self.child, "adult": self.adult, "elderly": self.elderly, "sex": self.sex}
+
+
+_AGE_YEARS = re.compile(r"(\d+|[" + _NUM_CN + r"]+)\s*(?:周岁|岁)")
+_AGE_MONTHS = re.compile(r"(\d+|[" + _NUM_CN + r"]+)\s*(?:个多月|个半月|个月|月龄|多月)")
+_AGE_EN = re.compile(r"(\d+)[- ]?(?:year|yr)s?[- ]old|(\d+)[- ]?months?[- ]old")
+
+
+def _cn_number(text: str) -> int | None:
+    if text.isdigit():
+        return int(text)
+    digits = {c: i for i, c in enumerate("零一二三四五六七八九")}
+    digits["两"] = 2
+    if text == "半":
+        return 0
+    if "十" in text:
+        tens, _, ones = text.partition("十")
+        return (digits.get(tens, 1) if tens else 1) * 10 + (digits.get(ones, 0) if ones else 0)
+    return digits.get(text[:1]) if text else None
+
+
+def patient_cues(text: str, tokens: Iterable[str] = ()) -> PatientCues:
+    """Age and sex cues from the complaint (age words, 'N岁', 'N个月', sex words)."""
+    cues = cue_words()
+    text = normalise(text)
+    toks = set(tokens)
+    out = PatientCues()
+    out.child = bool(toks & cues["child"]) or bool(_AGE_MONTHS.search(text))
+    for m in _AGE_YEARS.finditer(text):
+        years = _cn_number(m.group(1))
+        if years is None:
+            continue
+        if years < 14:
+            out.child = True
+        elif years >= 60:
+            out.elderly = out.adult = True
+        elif years >= 18:
+            out.adult = True
+    for m in _AGE_EN.finditer(text):
+        years = int(m.group(1)) if m.group(1) else 0
+        out.child = out.child or years < 14
+        out.adult = out.adult or years >= 18
+    out.elderly = out.elderly or bool(toks & cues["elderly"])
+    female, male = bool(toks & cues["female"]), bool(toks & cues["male"])
+    if female != male:
+        out.sex = "female" if female else "male"
+    if out.child and out.adult:  # a parent writing "我30岁, 孩子2岁": the child is the patient
+        out.adult = out.elderly = False
+    return out
+
+
+@dataclass
+class QueryTerms:
+    """Search terms of one text: kept terms, negated terms and the raw token stream."""
+
+    terms: list[str] = field(default_factory=list)
+    subterms: list[str] = field(default_factory=list)  # dictionary sub-words of long terms
+    negated: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+
+
+class TextProcessor:
+    """jieba with the library's vocabulary plus the filtering rules used for documents and queries."""
+
+    def __init__(self, user_words: Iterable[str] = (), freq: int = USER_WORD_FREQ) -> None:
+        self.jieba = jieba.Tokenizer()
+        self.user_words = sorted({w for w in (clean_term(t) for t in user_words) if w})
+        self.freq = freq
+        self._ready = False
+
+    # -- jieba dictionary -------------------------------------------------------------------------
+    def _ensure(self) -> None:
+        if self._ready:
+            return
+        self.jieba.initialize()
+        for word in self.user_words:
+            self.jieba.add_word(word, self.freq)
+        self._ready = True
+
+    def dump_state(self, path: Path) -> None:
+        """Save the built prefix dictionary: loading it is ~2x faster than jieba's own start."""
+        self._ensure()
+        with path.open("wb") as fh:
+            pickle.dump((self.jieba.FREQ, self.jieba.total, self.user_words), fh, protocol=5)
+
+    @classmethod
+    def from_state(cls, path: Path) -> TextProcessor:
+        with path.open("rb") as fh:
+            freq, total, words = pickle.load(fh)
+        proc = cls()
+        proc.user_words = words
+        proc.jieba.FREQ, proc.jieba.total = freq, total
+        proc.jieba.initialized = True
+        proc._ready = True
+        return proc
+
+    # -- tokenising -------------------------------------------------------------------------------
+    def cut(self, text: str) -> list[str]:
+        """Search-mode tokens (long words plus their dictionary sub-words), lower-cased."""
+        self._ensure()
+        text = normalise(text)
+        return [t for t in self.jieba.cut_for_search(text, HMM=False) if t.strip()]
+
+    def doc_tokens(self, text: str) -> list[str]:
+        """Tokens of a document field: content tokens only."""
+        return [t for t in self.cut(text) if is_content(t)]
+
+    def query_terms(self, text: str) -> QueryTerms:
+        """Content terms of a complaint, with negated ones (没有发烧, 不咳嗽, denies fever) set aside."""
+        self._ensure()
+        text = normalise(text)
+        cues = cue_words()
+        neg, breakers, joiners = cues["negation"], cues["negation_breakers"], cues["list_joiners"]
+        out = QueryTerms()
+        # Precise mode for the negation walk (one token per word), search-mode sub-words added after.
+        stream = [t for t in self.jieba.cut(text, HMM=False) if t.strip()]
+        out.tokens = stream
+        negating, content_seen = False, 0
+        for tok in stream:
+            if tok in neg:
+                negating, content_seen = True, 0
+                continue
+            if negating and (_PUNCT.fullmatch(tok) or tok in breakers) and tok not in joiners:
+                negating = False
+                continue
+            if negating and tok in joiners:
+                continue
+            if not is_content(tok):
+                if negating and content_seen:
+                    negating = False
+                continue
+            subs = [s for s in self._subwords(tok) if is_content(s)]
+            if negating:
+                out.negated.extend([tok, *subs])
+                content_seen += 1
+                if content_seen >= 3:  # a negation covers a short list, not the rest of the clause
+                    negating = False
+            else:
+                out.terms.append(tok)
+                out.subterms.extend(subs)
+        negset = set(out.negated) - set(out.terms) - set(out.subterms)
+        out.negated = [t for t in dict.fromkeys(out.negated) if t in negset]
+        return out
+
+    def _subwords(self, word: str) -> list[str]:
+        # The same sub-words cut_for_search adds, so queries and documents share a vocabulary.
+        if len(word) <= 2:
+            return []
+        freq = self.jieba.FREQ
+        subs = []
+        for n in (2, 3):
+            if len(word) > n:
+                subs.extend(word[i:i + n] for i in range(len(word) - n + 1) if freq.get(word[i:i + n]))
+        return subs
+
+
+def decayed(turns: Sequence[str], decay: float) -> list[tuple[str, float]]:
+    """(text, weight) for history turns, most recent last: weight decay**distance from the present."""
+    n = len(turns)
+    return [(t, decay ** (n - i)) for i, t in enumerate(turns)]

@@ -1,0 +1,126 @@
+"""Evaluation of the triage rules on a labelled JSONL set.
+
+Each line: {"text": str, "history": [str] (optional), "emergency": bool, "rule": str | null,
+"lang": "zh" | "en", "tag": str (optional, e.g. negated / remote / lookalike)}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safety.triage import Triage
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_SETS = (DATA_DIR / "triage_eval.jsonl", DATA_DIR / "triage_holdout.jsonl")
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    text: str
+    history: tuple[str, ...]
+    emergency: bool
+    rule: str | None
+    lang: str
+    tag: str = ""
+
+
+@dataclass
+class Report:
+    name: str
+    n: int = 0
+    positives: int = 0
+    negatives: int = 0
+    true_pos: int = 0
+    false_pos: int = 0
+    rule_total: Counter[str] = field(default_factory=Counter)
+    rule_hit: Counter[str] = field(default_factory=Counter)
+    misses: list[Case] = field(default_factory=list)
+    false_alarms: list[tuple[Case, list[str]]] = field(default_factory=list)
+    wrong_rule: list[tuple[Case, list[str]]] = field(default_factory=list)
+
+    @property
+    def recall(self) -> float:
+        return self.true_pos / self.positives if self.positives else 1.0
+
+    @property
+    def false_alarm_rate(self) -> float:
+        return self.false_pos / self.negatives if self.negatives else 0.0
+
+
+def load_cases(path: Path) -> list[Case]:
+    cases: list[Case] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            case = Case(
+                text=str(rec["text"]),
+                history=tuple(str(h) for h in rec.get("history") or ()),
+                emergency=bool(rec["emergency"]),
+                rule=rec.get("rule"),
+                lang=str(rec.get("lang", "")),
+                tag=str(rec.get("tag", "")),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{lineno}: bad evaluation record: {exc}") from exc
+        if case.emergency != (case.rule is not None):
+            raise ValueError(f"{path}:{lineno}: an emergency needs a rule id and a non-emergency none")
+        cases.append(case)
+    return cases
+
+
+def evaluate(triage: Triage, cases: Iterable[Case], name: str = "") -> Report:
+    report = Report(name=name)
+    for case in cases:
+        report.n += 1
+        a = triage.assess(case.text, case.history)
+        flagged = a.level == "emergency"
+        if case.emergency:
+            report.positives += 1
+            assert case.rule is not None
+            report.rule_total[case.rule] += 1
+            if flagged:
+                report.true_pos += 1
+                if case.rule in a.rule_ids:
+                    report.rule_hit[case.rule] += 1
+                else:
+                    report.wrong_rule.append((case, a.rule_ids))
+            else:
+                report.misses.append(case)
+        else:
+            report.negatives += 1
+            if flagged:
+                report.false_pos += 1
+                report.false_alarms.append((case, a.rule_ids))
+    return report
+
+
+def format_report(report: Report, rule_order: Sequence[str]) -> str:
+    lines = [
+        f"== {report.name}: {report.n} complaints ({report.positives} emergencies, {report.negatives} not)",
+        f"recall            {report.recall:6.1%}  ({report.true_pos}/{report.positives})",
+        f"false-alarm rate  {report.false_alarm_rate:6.1%}  ({report.false_pos}/{report.negatives})",
+        "per-rule recall (expected rule fired):",
+    ]
+    for rid in [*rule_order, *sorted(set(report.rule_total) - set(rule_order))]:
+        total = report.rule_total.get(rid, 0)
+        if total:
+            hit = report.rule_hit.get(rid, 0)
+            lines.append(f"  {rid:<24} {hit / total:6.1%}  ({hit}/{total})")
+        else:
+            lines.append(f"  {rid:<24}    n/a  (no cases)")
+    if report.misses:
+        lines.append("misses (emergency not flagged):")
+        lines += [f"  [{c.rule}] {c.text}" + (f"  history={list(c.history)}" if c.history else "") for c in report.misses]
+    if report.wrong_rule:
+        lines.append("flagged under another rule:")
+        lines += [f"  [{c.rule} -> {','.join(r)}] {c.text}" for c, r in report.wrong_rule]
+    if report.false_alarms:
+        lines.append("false alarms:")
+        lines += [f"  [{','.join(r)}] {c.text}" for c, r in report.false_alarms]
+    return "\n".join(lines)

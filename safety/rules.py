@@ -1,0 +1,254 @@
+"""Loading, validating and compiling the red-flag rule file (safety/data/red_flags.json).
+
+The file is meant to be edited by a hospital's clinical staff, so every structural mistake is
+reported as a ValueError that names the file and the offending entry, and nothing is half-loaded.
+
+Format (see the "_doc" entry in the packaged file):
+
+- "version": a non-empty string, reported with every assessment for audit.
+- "modifiers": cue lists (zh / en) for negation, scope breaks, remote history, hypotheticals...
+- "concepts": name -> {"zh": [...], "en": [...], "exclude": [...], "unless": [...], "diagnosis": bool}.
+  Terms are regular expressions matched against NFKC-normalised, lower-cased text. English terms
+  may not start inside a word. ``{gapN}`` stands for up to N characters without punctuation or a
+  Chinese negation character, for patterns such as ``胸{gap3}痛`` (胸口很痛, but not 胸口不痛).
+- "rules": [{"id", "description": {zh, en}, "when": [[group, ...], ...], "advice": {zh, en}}].
+  A rule fires when every group of any one alternative in "when" is satisfied; a group is a
+  concept name or several joined by "|" (any of them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LANGS = ("zh", "en")
+
+# Characters a {gapN} may span: no clause punctuation and no Chinese negation, so that
+# 胸{gap3}痛 matches 胸口很痛 but not 胸口不痛.
+_GAP_CLASS = r"[^,，。.;；!！?？\n:：不没无未否]"
+_GAP = re.compile(r"\{gap(\d{1,2})\}")
+
+_MODIFIER_KEYS = (
+    "negation",
+    "negation_adjacent",
+    "negation_post",
+    "pseudo_negation",
+    "scope_break",
+    "conjunction",
+    "remote",
+    "current",
+    "hypothetical",
+    "hypothetical_post",
+    "educational",
+    "speculative",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Concept:
+    name: str
+    pattern: re.Pattern[str]
+    exclude: re.Pattern[str] | None  # drops a match that overlaps one of these
+    unless: re.Pattern[str] | None  # drops a match whose clause contains one of these
+    diagnosis: bool  # a disease name: ignored when the clause is speculative ("会不会是中风")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    description: Mapping[str, str]
+    when: tuple[tuple[frozenset[str], ...], ...]
+    advice: Mapping[str, str]
+
+    def matches(self, present: set[str] | frozenset[str]) -> bool:
+        return any(all(group & present for group in alt) for alt in self.when)
+
+
+@dataclass(frozen=True, slots=True)
+class Modifiers:
+    negation: re.Pattern[str]
+    negation_adjacent: re.Pattern[str]
+    negation_post: re.Pattern[str]
+    pseudo_negation: re.Pattern[str]
+    scope_break: re.Pattern[str]
+    conjunction: re.Pattern[str]
+    remote: re.Pattern[str]
+    current: re.Pattern[str]
+    hypothetical: re.Pattern[str]
+    hypothetical_post: re.Pattern[str]
+    educational: re.Pattern[str]
+    speculative: re.Pattern[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    version: str
+    concepts: tuple[Concept, ...]
+    rules: tuple[Rule, ...]
+    modifiers: Modifiers
+    negation_window: int
+    prompt_note: Mapping[str, str]
+    source: str
+
+
+def load_ruleset(path: Path) -> RuleSet:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read red-flag rule file {path}: {exc}") from exc
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"red-flag rule file {path} is not valid JSON: {exc}") from exc
+    return parse_ruleset(data, source=str(path))
+
+
+def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
+    def fail(msg: str) -> ValueError:
+        return ValueError(f"red-flag rule file {source}: {msg}")
+
+    if not isinstance(data, dict):
+        raise fail("top level must be a JSON object")
+    version = data.get("version")
+    if not isinstance(version, str) or not version.strip():
+        raise fail('"version" must be a non-empty string')
+
+    mods_raw = data.get("modifiers")
+    if not isinstance(mods_raw, dict):
+        raise fail('"modifiers" must be an object')
+    mods: dict[str, re.Pattern[str]] = {}
+    for key in _MODIFIER_KEYS:
+        entry = mods_raw.get(key)
+        if not isinstance(entry, dict):
+            raise fail(f'modifiers.{key} must be an object with "zh" and "en" lists')
+        zh, en = _term_lists(entry, f"modifiers.{key}", fail)
+        mods[key] = _compile(zh, en, f"modifiers.{key}", fail, allow_empty=True)
+    window = data.get("negation_window", 6)
+    if not isinstance(window, int) or isinstance(window, bool) or not 0 <= window <= 30:
+        raise fail('"negation_window" must be an integer between 0 and 30')
+
+    concepts_raw = data.get("concepts")
+    if not isinstance(concepts_raw, dict) or not concepts_raw:
+        raise fail('"concepts" must be a non-empty object')
+    concepts: list[Concept] = []
+    for name, entry in concepts_raw.items():
+        where = f"concepts.{name}"
+        if not isinstance(entry, dict):
+            raise fail(f"{where} must be an object")
+        zh, en = _term_lists(entry, where, fail)
+        if not zh and not en:
+            raise fail(f"{where} has no terms")
+        exclude = _list(entry.get("exclude", []), f"{where}.exclude", fail)
+        unless = _list(entry.get("unless", []), f"{where}.unless", fail)
+        diagnosis = entry.get("diagnosis", False)
+        if not isinstance(diagnosis, bool):
+            raise fail(f"{where}.diagnosis must be true or false")
+        concepts.append(
+            Concept(
+                name=name,
+                pattern=_compile(zh, en, where, fail),
+                exclude=_compile(exclude, [], f"{where}.exclude", fail) if exclude else None,
+                unless=_compile(unless, [], f"{where}.unless", fail) if unless else None,
+                diagnosis=diagnosis,
+            )
+        )
+
+    rules_raw = data.get("rules")
+    if not isinstance(rules_raw, list) or not rules_raw:
+        raise fail('"rules" must be a non-empty list')
+    known = {c.name for c in concepts}
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(rules_raw):
+        if not isinstance(entry, dict):
+            raise fail(f"rules[{i}] must be an object")
+        rid = entry.get("id")
+        if not isinstance(rid, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", rid):
+            raise fail(f"rules[{i}].id must be a lower_snake_case string")
+        if rid in seen:
+            raise fail(f"duplicate rule id {rid!r}")
+        seen.add(rid)
+        description = _texts(entry.get("description"), f"rule {rid}: description", fail)
+        advice = _texts(entry.get("advice"), f"rule {rid}: advice", fail)
+        when_raw = entry.get("when")
+        if not isinstance(when_raw, list) or not when_raw:
+            raise fail(f"rule {rid}: when must be a non-empty list of alternatives")
+        alts: list[tuple[frozenset[str], ...]] = []
+        for alt in when_raw:
+            if not isinstance(alt, list) or not alt:
+                raise fail(f"rule {rid}: each alternative in when must be a non-empty list")
+            groups: list[frozenset[str]] = []
+            for group in alt:
+                if not isinstance(group, str):
+                    raise fail(f"rule {rid}: a group must be a string like 'a | b'")
+                names = frozenset(n.strip() for n in group.split("|") if n.strip())
+                unknown = sorted(names - known)
+                if not names or unknown:
+                    raise fail(f"rule {rid}: unknown concept(s) {unknown or [group]}")
+                groups.append(names)
+            alts.append(tuple(groups))
+        rules.append(Rule(id=rid, description=description, when=tuple(alts), advice=advice))
+
+    note = _texts(data.get("prompt_note"), "prompt_note", fail)
+    for lang, text in note.items():
+        if "{conditions}" not in text:
+            raise fail(f"prompt_note.{lang} must contain the {{conditions}} placeholder")
+
+    return RuleSet(
+        version=version.strip(),
+        concepts=tuple(concepts),
+        rules=tuple(rules),
+        modifiers=Modifiers(**mods),
+        negation_window=window,
+        prompt_note=note,
+        source=source,
+    )
+
+
+def _list(value: Any, where: str, fail: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+        raise fail(f"{where} must be a list of non-empty strings")
+    return value
+
+
+def _term_lists(entry: dict[str, Any], where: str, fail: Any) -> tuple[list[str], list[str]]:
+    return _list(entry.get("zh", []), f"{where}.zh", fail), _list(entry.get("en", []), f"{where}.en", fail)
+
+
+def _texts(value: Any, where: str, fail: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise fail(f"{where} must be an object with zh and en texts")
+    out: dict[str, str] = {}
+    for lang in LANGS:
+        text = value.get(lang)
+        if not isinstance(text, str) or not text.strip():
+            raise fail(f"{where} needs a non-empty {lang!r} text")
+        out[lang] = text.strip()
+    return out
+
+
+def _expand(term: str) -> str:
+    return _GAP.sub(lambda m: f"{_GAP_CLASS}{{0,{int(m.group(1))}}}", term)
+
+
+def _compile(zh: list[str], en: list[str], where: str, fail: Any, allow_empty: bool = False) -> re.Pattern[str]:
+    # English terms may not begin inside a word ("no" must not fire inside "know"); modifier cues
+    # must also end at a word end ("no" is not "now"), concept terms may be inflected ("faint-ed").
+    end = r"(?![a-z])" if allow_empty else ""
+    parts = [_expand(t) for t in zh] + [rf"(?<![a-z0-9])(?:{_expand(t)}){end}" for t in en]
+    for term, part in zip(zh + en, parts, strict=True):
+        try:
+            pat = re.compile(part)
+        except re.error as exc:
+            raise fail(f"{where}: bad pattern {term!r}: {exc}") from exc
+        if pat.fullmatch(""):
+            raise fail(f"{where}: pattern {term!r} matches the empty string")
+    if not parts:
+        if allow_empty:
+            return re.compile(r"(?!x)x")  # never matches
+        raise fail(f"{where} has no terms")
+    return re.compile("|".join(f"(?:{p})" for p in parts))

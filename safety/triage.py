@@ -1,0 +1,247 @@
+"""Red-flag triage: decide, before any generation, whether a patient describes an emergency.
+
+Pure and deterministic: no model, no I/O after loading the rule file. The algorithm:
+
+1. Every patient turn (history first, then the question) is NFKC-normalised and lower-cased, and
+   every concept term of the rule file is searched in it (plain regex over synonym lists: more
+   reliable than word segmentation for short, colloquial complaints).
+2. Each match is classified as affirmed, negated or ignored:
+   - negated: a negation cue (没有/无/否认/no/denies...) stands within a short window before it
+     in the same clause (the window counts words outside other concept terms and conjunctions,
+     so "否认胸痛、胸闷、大汗" negates all three), or a comma list continues a negated clause;
+   - ignored: remote history (三年前, history of...), a hypothetical (如果/what to do if...),
+     an educational question (怎么预防, symptoms of...), or a diagnosis word inside a speculative
+     clause (会不会是中风). Hedged symptoms (好像有点胸痛) still count: for triage a possible
+     red flag is a red flag.
+3. Turns are read in order; the last affirmed/negated mention of a concept wins, so a red flag in
+   an earlier turn still counts unless a later turn explicitly negates it. A symptom that has
+   resolved (昨天抽搐过，现在好了) is NOT a negation: transient chest pain, a first seizure, a
+   faint or a TIA are emergencies in themselves.
+4. A rule fires when all concept groups of one of its alternatives are affirmed.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from safety.language import Language, detect_language
+from safety.rules import Concept, RuleSet, load_ruleset
+
+DEFAULT_RULES_PATH = Path(__file__).resolve().parent / "data" / "red_flags.json"
+
+Level = Literal["emergency", "none"]
+
+# Clause and sentence separators, after NFKC (which maps ，？！：； to ASCII). A dot followed by a
+# digit is a decimal point (38.5度), not a full stop.
+_CLAUSE_SEP = re.compile(r"[,;!?:\n。]|\.(?!\d)")
+_SENTENCE_SEP = re.compile(r"[;!?\n。]|\.(?!\d)")
+_LIST_SEPS = frozenset(",、")
+_MASK = "\x00"  # stands in for concept terms when measuring negation distance
+_UNITS = re.compile(r"[\u3400-\u9fff]|[a-z0-9]+")
+
+
+def _normalise(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'").replace("\u2018", "'")
+
+
+@dataclass(frozen=True, slots=True)
+class SafetyAssessment:
+    level: Level
+    rule_ids: list[str] = field(default_factory=list)
+    advice: str = ""
+    prompt_note: str = ""
+    lang: Language = "zh"
+
+    @property
+    def is_emergency(self) -> bool:
+        return self.level == "emergency"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"level": self.level, "rules": list(self.rule_ids), "advice": self.advice}
+
+
+@dataclass(frozen=True, slots=True)
+class _Clause:
+    start: int
+    end: int
+    sep_before: str  # the separator that opened this clause ("" for the first one)
+
+
+@dataclass(frozen=True, slots=True)
+class Mention:
+    """One concept term found in a turn; ``affirmed`` is False when it is negated."""
+
+    start: int
+    end: int
+    concept: str
+    affirmed: bool
+
+
+class Triage:
+    """Red-flag rules loaded from a (hospital-editable) JSON file."""
+
+    def __init__(self, ruleset: RuleSet) -> None:
+        self._rs = ruleset
+        self._mods = ruleset.modifiers
+        self._by_name: dict[str, Concept] = {c.name: c for c in ruleset.concepts}
+
+    @classmethod
+    def from_file(cls, path: Path | str | None = None) -> Triage:
+        """Load rules from ``path`` (default: the packaged red_flags.json); ValueError if malformed."""
+        return cls(load_ruleset(Path(path) if path is not None else DEFAULT_RULES_PATH))
+
+    @property
+    def version(self) -> str:
+        return self._rs.version
+
+    @property
+    def rule_ids(self) -> list[str]:
+        return [r.id for r in self._rs.rules]
+
+    def assess(self, question: str, history: Sequence[str] = ()) -> SafetyAssessment:
+        """Assess the question plus earlier *patient* turns (oldest first)."""
+        state: dict[str, bool] = {}
+        for turn in (*history, question):
+            for mention in self.mentions(turn):
+                state[mention.concept] = mention.affirmed
+        present = {name for name, affirmed in state.items() if affirmed}
+        lang = detect_language(question if question.strip() else " ".join(history))
+        fired = [r for r in self._rs.rules if r.matches(present)] if present else []
+        if not fired:
+            return SafetyAssessment(level="none", lang=lang)
+        advice = "\n".join(dict.fromkeys(r.advice[lang] for r in fired))
+        sep = "、" if lang == "zh" else "; "
+        conditions = sep.join(r.description[lang] for r in fired)
+        return SafetyAssessment(
+            level="emergency",
+            rule_ids=[r.id for r in fired],
+            advice=advice,
+            prompt_note=self._rs.prompt_note[lang].format(conditions=conditions),
+            lang=lang,
+        )
+
+    # -- matching ---------------------------------------------------------------------------
+
+    def mentions(self, text: str) -> list[Mention]:
+        """All concept mentions in one turn, in text order, with negation applied."""
+        s = _normalise(text)
+        found: list[tuple[int, int, Concept]] = []
+        for concept in self._rs.concepts:
+            excluded: list[tuple[int, int]] | None = None
+            for m in concept.pattern.finditer(s):
+                if m.end() == m.start():
+                    continue
+                if concept.exclude is not None:
+                    if excluded is None:
+                        excluded = [x.span() for x in concept.exclude.finditer(s)]
+                    if any(a < m.end() and m.start() < b for a, b in excluded):
+                        continue
+                end = m.end()
+                # English terms are stems ("sweat"); the mention runs to the end of the word.
+                while end < len(s) and s[end - 1].isascii() and s[end - 1].isalpha() and s[end].isascii() and s[end].isalpha():
+                    end += 1
+                found.append((m.start(), end, concept))
+        if not found:
+            return []
+        found.sort(key=lambda f: (f[0], f[1]))
+
+        chars = list(s)
+        for start, end, _ in found:
+            chars[start:end] = _MASK * (end - start)
+        masked = "".join(chars)
+        clauses = _split(s, _CLAUSE_SEP)
+        clause_starts = [c.start for c in clauses]
+        sentences = _split(s, _SENTENCE_SEP)
+        sentence_starts = [c.start for c in sentences]
+
+        out: list[Mention] = []
+        for start, end, concept in found:
+            ci = bisect_right(clause_starts, start) - 1
+            clause = clauses[ci]
+            sentence = sentences[bisect_right(sentence_starts, start) - 1]
+            if self._ignored(s, start, end, concept, clause, sentence):
+                continue
+            negated = self._negated(s, masked, start, end, clauses, ci)
+            out.append(Mention(start, end, concept.name, not negated))
+        return out
+
+    def _ignored(self, s: str, start: int, end: int, concept: Concept, clause: _Clause, sentence: _Clause) -> bool:
+        m = self._mods
+        cs, ce = clause.start, clause.end
+        if concept.unless is not None and concept.unless.search(s, cs, ce):
+            return True
+        if m.educational.search(s, cs, ce):
+            return True
+        if m.remote.search(s, cs, ce) and not m.current.search(s, cs, ce):
+            return True
+        # A hypothetical cue scopes forward to the end of its sentence ("如果出现胸痛、出汗，怎么办").
+        if m.hypothetical.search(s, sentence.start, start):
+            return True
+        if m.hypothetical_post.search(s, end, ce):
+            return True
+        return concept.diagnosis and m.speculative.search(s, cs, ce) is not None
+
+    def _negated(self, s: str, masked: str, start: int, end: int, clauses: list[_Clause], ci: int) -> bool:
+        m = self._mods
+        clause = clauses[ci]
+        if self._cue_before(masked[clause.start : start]):
+            return True
+        if m.negation_post.match(s, end):
+            return True
+        # A comma list continues a negation: "denies chest pain, sweating, or arm pain". Only
+        # when this clause holds nothing but concept terms and conjunctions.
+        i = ci
+        while _units(masked[clauses[i].start : clauses[i].end], m.conjunction) == 0:
+            if clauses[i].sep_before not in _LIST_SEPS or i == 0:
+                return False
+            i -= 1
+            prev = clauses[i]
+            if _units(masked[prev.start : prev.end], m.conjunction) == 0:
+                continue
+            return self._cue_before(masked[prev.start : prev.end])
+        return False
+
+    def _cue_before(self, prefix: str) -> bool:
+        """Does a negation cue govern the end of ``prefix`` (text from clause start to a term)?"""
+        m = self._mods
+        # Phrases that look negative but are not (不排除, 无明显诱因, not sure) are masked first.
+        prefix = m.pseudo_negation.sub(lambda x: _MASK * len(x.group()), prefix)
+        last_break = None
+        for last_break in m.scope_break.finditer(prefix):  # noqa: B007 - we want the last one
+            pass
+        if last_break is not None:
+            prefix = prefix[last_break.end() :]
+        if _ends_adjacent(prefix, m.negation_adjacent):
+            return True
+        return any(
+            _units(prefix[cue.end() :], m.conjunction) <= self._rs.negation_window
+            for cue in m.negation.finditer(prefix)
+        )
+
+
+def _ends_adjacent(prefix: str, pattern: re.Pattern[str]) -> bool:
+    # "不" negates only what directly follows it (不发烧), unlike 没有/无 whose scope is wider;
+    # otherwise 不舒服 or 说话不清 earlier in the clause would negate everything after it.
+    return any(cue.end() == len(prefix) for cue in pattern.finditer(prefix))
+
+
+def _units(text: str, conjunction: re.Pattern[str]) -> int:
+    """Length in words (a CJK character or a Latin word), ignoring concept terms and conjunctions."""
+    text = conjunction.sub(" ", text.replace(_MASK, " "))
+    return len(_UNITS.findall(text))
+
+
+def _split(s: str, sep: re.Pattern[str]) -> list[_Clause]:
+    out: list[_Clause] = []
+    start, before = 0, ""
+    for m in sep.finditer(s):
+        out.append(_Clause(start, m.start(), before))
+        start, before = m.end(), m.group()
+    out.append(_Clause(start, len(s), before))
+    return out

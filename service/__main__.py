@@ -1,0 +1,93 @@
+"""`python -m service`: check settings and port, build/load what is needed (with progress), serve."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+log = logging.getLogger("service")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def main() -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .logging_setup import configure_logging
+    from .runtime import build_runtime, load_runtime
+    from .settings import Settings, SettingsError, check_settings
+
+    configure_logging(os.environ.get("DOCTORGLM_LOG_LEVEL", "INFO"))
+    try:
+        settings = Settings()
+        check_settings(settings)
+    except (SettingsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sock = _bind(settings.host, settings.port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"error: port {settings.port} on {settings.host} is already in use: stop the other process "
+                  "or set DOCTORGLM_PORT to a free port", file=sys.stderr)
+        else:
+            print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    try:
+        runtime = build_runtime(settings)
+        load_runtime(runtime, progress=True)
+    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
+        print(f"error: could not load the service: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(settings, runtime=runtime)
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM: /readyz turns 503 at once, streams may finish within the grace period, then end."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if not runtime.draining:
+                runtime.draining = True
+                log.info("draining", extra={"active_streams": runtime.active_streams,
+                                            "grace_s": settings.drain_grace_s})
+                threading.Thread(target=self._end_streams, daemon=True).start()
+            super().handle_exit(sig, frame)
+
+        def _end_streams(self) -> None:
+            deadline = time.monotonic() + settings.drain_grace_s
+            while runtime.active_streams > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if runtime.active_streams > 0 and hasattr(runtime.engine, "abort_all"):
+                runtime.engine.abort_all("the server is shutting down")
+
+    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=int(settings.drain_grace_s) + 5,
+                            access_log=False)
+    server = DrainingServer(config)
+    url = f"http://{settings.host}:{sock.getsockname()[1]}"
+    example = '{"prompt":"孩子发烧三天，咳嗽有痰，怎么办？"}'
+    print(f"DoctorGLM service ready in {time.perf_counter() - started:.1f}s on {url}\n"
+          f"  try: curl -s {url}/chat -H 'content-type: application/json' -d '{example}'\n"
+          f"  or open {url}/ in a browser", file=sys.stderr, flush=True)
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

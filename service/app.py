@@ -1,0 +1,73 @@
+"""create_app(settings): builds the FastAPI app; no globals at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+
+from .errors import install_error_handlers
+from .middleware import RequestContextMiddleware
+from .routes import chat, health, knowledge, openai_compat
+from .runtime import Runtime, build_runtime, load_runtime
+from .settings import Settings, check_settings
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None, progress: bool = False) -> FastAPI:
+    """The app; the model and index load in the background at start-up (/readyz says when)."""
+    settings = settings or Settings()
+    check_settings(settings)
+    runtime = runtime or build_runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = None
+        if runtime.engine is None:
+            loader = asyncio.create_task(asyncio.to_thread(_load, runtime, progress))
+        try:
+            yield
+        finally:
+            runtime.draining = True
+            if loader is not None and not loader.done():
+                await asyncio.wait([loader], timeout=1)
+            if runtime.engine is not None:
+                await asyncio.to_thread(runtime.engine.stop)
+            runtime.audit.close()
+
+    app = FastAPI(title="DoctorGLM service", version="0.1.0", lifespan=lifespan,
+                  description="Grounded, streaming medical dialogue. Answers are not a diagnosis.")
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    if settings.cors_list():
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_list(), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
+                           expose_headers=["x-request-id"])
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=runtime.metrics)
+    for router in (chat.router, openai_compat.router, knowledge.router, health.router):
+        app.include_router(router)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> object:
+        index = STATIC_DIR / "index.html"
+        if index.is_file():
+            return FileResponse(index, media_type="text/html; charset=utf-8")
+        return JSONResponse({"service": "doctorglm", "docs": "/docs"})
+
+    return app
+
+
+def _load(runtime: Runtime, progress: bool) -> None:
+    try:
+        load_runtime(runtime, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log, the process stays up
+        log.exception("loading failed")
+        runtime.load_error = f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,64 @@
+"""The prompt designer: retrieval → brief of the most likely disease → the model's user message.
+
+A pure function of the question, the history and the index (plus the safety assessment's note).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from knowledge.brief import write_brief, write_candidates
+from knowledge.search import Retriever
+
+from .engine.types import ChatTurn
+from .prompt import compose_message
+
+
+@dataclass
+class DesignedPrompt:
+    """What the designer decided for one request; references go back to the caller unchanged."""
+
+    message: str
+    keywords: list[str] = field(default_factory=list)
+    references: list[dict[str, Any]] = field(default_factory=list)
+    confident: bool = False
+    retrieval_ms: float = 0.0
+
+
+class PromptDesigner:
+    def __init__(self, retriever: Retriever, *, brief_chars: int = 600, k: int = 3) -> None:
+        self.retriever = retriever
+        self.brief_chars = brief_chars
+        self.k = k
+
+    def design(self, question: str, history: list[ChatTurn] | None = None, *, use_knowledge: bool = True,
+               urgent_note: str = "") -> DesignedPrompt:
+        history = history or []
+        if not use_knowledge:
+            return DesignedPrompt(message=compose_message(question, "", urgent_note))
+        started = time.perf_counter()
+        result = self.retriever.search(question, history=[t.user for t in history], k=self.k)
+        if not result.hits:
+            brief = None
+        elif result.confident:
+            brief = write_brief(result.hits[0].disease, self.brief_chars)
+        else:
+            # Not clearly ahead: say the question is uncertain and list the candidates briefly.
+            brief = write_candidates(result.hits, self.brief_chars)
+        references = []
+        for rank, hit in enumerate(result.hits):
+            ref = hit.to_dict()
+            used = brief is not None and hit.disease.id in brief.disease_ids
+            ref["rank"] = rank + 1
+            ref["used_in_prompt"] = used
+            ref["sections"] = list(brief.sections) if used and brief is not None else []
+            references.append(ref)
+        return DesignedPrompt(
+            message=compose_message(question, brief.text if brief else "", urgent_note),
+            keywords=list(result.keywords),
+            references=references,
+            confident=bool(result.confident),
+            retrieval_ms=(time.perf_counter() - started) * 1000,
+        )

@@ -1,0 +1,78 @@
+"""Plain data passed between the API layer and the engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One earlier exchange: what the patient said and what the assistant answered."""
+
+    user: str
+    assistant: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings; they hold inside a batch. temperature 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """What the engine generates: the final user message after the prompt designer, plus history."""
+
+    message: str
+    history: list[ChatTurn] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New text for the client (may be empty for tokens that complete no character)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a request. finish_reason: stop | length | repetition | cancelled | error."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class EngineError(RuntimeError):
+    """Generation failed for this request (the engine itself keeps running)."""
+
+
+class QueueFull(EngineError):
+    """The bounded queue is full: the API answers 429 with Retry-After."""
+
+
+class EngineNotReady(EngineError):
+    """The model is not loaded, or the engine is draining: the API answers 503."""
+
+
+class PromptTooLong(EngineError):
+    """The current message alone exceeds the prompt budget: the API answers 422."""
+
+
+class UpstreamError(EngineError):
+    """The OpenAI-compatible upstream is down or answered an error: the API answers 503."""

@@ -1,0 +1,1 @@
+"""HTTP routers; each module holds one part of the API."""

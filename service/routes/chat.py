@@ -1,0 +1,109 @@
+"""POST /chat (ChatGLM-6B api.py compatible, extended) and POST /chat/stream (SSE)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from ..auth import require_api_key
+from ..conversation import ChatInput, ChatStart, audit_rejection, clock, run_chat, start_chat
+from ..engine.types import ChatTurn, SamplingParams
+from ..errors import APIError, error_body
+from ..runtime import Runtime
+from ..schemas import ChatRequest, ChatResponse
+from .deps import get_runtime, request_id
+
+router = APIRouter(tags=["chat"])
+SSE_PING_S = 5
+
+
+def to_input(body: ChatRequest, runtime: Runtime, route: str) -> ChatInput:
+    s = runtime.settings
+    params = SamplingParams(
+        max_new_tokens=body.max_new_tokens or s.default_max_new_tokens,
+        min_new_tokens=body.min_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
+        seed=body.seed,
+        stop=tuple(body.stop),
+    )
+    history = [ChatTurn(user=q, assistant=a) for q, a in body.history]
+    return ChatInput(question=body.prompt.strip(), history=history, params=params,
+                     use_knowledge=body.use_knowledge, max_length=body.max_length, route=route)
+
+
+async def _start(runtime: Runtime, chat: ChatInput, rid: str, key: str) -> ChatStart:
+    try:
+        return await start_chat(runtime, chat, rid, key)
+    except APIError as exc:
+        audit_rejection(runtime, chat.route, rid, key, exc)
+        raise
+
+
+def sse_response(events: AsyncIterator[tuple[str, dict[str, Any]]]) -> EventSourceResponse:
+    async def encode() -> AsyncIterator[dict[str, str]]:
+        async for name, payload in events:
+            yield {"event": name, "data": json.dumps(payload, ensure_ascii=False)}
+
+    return EventSourceResponse(encode(), ping=SSE_PING_S, headers={"X-Accel-Buffering": "no"})
+
+
+def full_answer(start: ChatStart, text: str) -> str:
+    """What an api.py client shows: emergency advice first, the model's answer, then the notice."""
+    parts = []
+    if start.safety.get("advice"):
+        parts.append(start.safety["advice"])
+    parts.append(text.strip())
+    if start.safety.get("notice"):
+        parts.append(start.safety["notice"])
+    return "\n\n".join(p for p in parts if p)
+
+
+async def collect(runtime: Runtime, start: ChatStart) -> tuple[str, dict[str, Any]]:
+    """Run a chat to the end; returns (text, done payload) or raises APIError on an error event."""
+    done: dict[str, Any] = {}
+    async for name, payload in run_chat(runtime, start):
+        if name == "error":
+            status = 503 if payload["code"] == "shutting_down" else 500
+            raise APIError(status, payload["code"], payload["message"])
+        if name == "done":
+            done = payload
+    return "".join(start.text), done
+
+
+@router.post("/chat", response_model=ChatResponse,
+             responses={401: {}, 413: {}, 422: {}, 429: {}, 503: {}},
+             summary="Answer a patient's question (ChatGLM-6B api.py compatible; stream=true for SSE)")
+async def chat(body: ChatRequest, request: Request, runtime: Runtime = Depends(get_runtime),
+               key: str = Depends(require_api_key)) -> Any:
+    chat_input = to_input(body, runtime, "/chat")
+    start = await _start(runtime, chat_input, request_id(request), key)
+    if body.stream:
+        return sse_response(run_chat(runtime, start))
+    text, done = await collect(runtime, start)
+    answer = full_answer(start, text)
+    history = [*body.history, (body.prompt, answer)]
+    return ChatResponse(
+        response=answer, history=history, status=200, time=clock(), id=start.id,
+        references=start.designed.references, keywords=start.designed.keywords, usage=done["usage"],
+        finish_reason=done["finish_reason"], safety=start.safety, uncertain=not start.designed.confident,
+    )
+
+
+@router.post("/chat/stream", responses={200: {"content": {"text/event-stream": {}}}, 401: {}, 422: {}, 429: {}},
+             summary="Stream an answer as server-sent events: meta, delta..., done (or error)")
+async def chat_stream(body: ChatRequest, request: Request, runtime: Runtime = Depends(get_runtime),
+                      key: str = Depends(require_api_key)) -> EventSourceResponse:
+    start = await _start(runtime, to_input(body, runtime, "/chat/stream"), request_id(request), key)
+    return sse_response(run_chat(runtime, start))
+
+
+def error_response(exc: APIError, rid: str) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message, rid), exc.status, exc.headers)

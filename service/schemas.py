@@ -1,0 +1,142 @@
+"""Request and response models. Bounds are declared once here and reused by every endpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+# Hard ceilings that hold whatever the settings say; the settings can only lower them.
+HARD_MAX_CHARS = 32_000
+HARD_MAX_TOKENS = 8192
+HARD_MAX_HISTORY = 100
+MAX_STOP = 4
+MAX_STOP_CHARS = 32
+
+Text = Annotated[str, StringConstraints(max_length=HARD_MAX_CHARS)]
+NonBlank = Annotated[str, StringConstraints(min_length=1, max_length=HARD_MAX_CHARS, pattern=r"\S")]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+temperature_field = Field(0.7, ge=0.0, le=2.0, description="0 = greedy")
+top_p_field = Field(0.9, gt=0.0, le=1.0)
+top_k_field = Field(0, ge=0, le=1000, description="0 = off")
+repetition_penalty_field = Field(1.1, ge=0.5, le=2.0, description="1 = off")
+seed_field = Field(None, ge=0, le=2**63 - 1)
+max_new_tokens_field = Field(None, ge=1, le=HARD_MAX_TOKENS)
+min_new_tokens_field = Field(0, ge=0, le=HARD_MAX_TOKENS, description="suppress end-of-text before this")
+
+
+class ChatRequest(BaseModel):
+    """The ChatGLM-6B api.py body, extended. Unknown fields are rejected so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: NonBlank = Field(description="The patient's question")
+    history: list[tuple[Text, Text]] = Field(default_factory=list, max_length=HARD_MAX_HISTORY,
+                                             description="Earlier [question, answer] pairs, oldest first")
+    max_length: int | None = Field(None, ge=16, le=32768, description="Prompt + answer token cap (ChatGLM api.py)")
+    max_new_tokens: int | None = max_new_tokens_field
+    min_new_tokens: int = min_new_tokens_field
+    temperature: float = temperature_field
+    top_p: float = top_p_field
+    top_k: int = top_k_field
+    repetition_penalty: float = repetition_penalty_field
+    seed: int | None = seed_field
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
+    stream: bool = False
+    use_knowledge: bool = True
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Reference(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    name: str
+    score: float
+    matched_keywords: list[str] = Field(default_factory=list)
+    matched_fields: list[str] = Field(default_factory=list)
+    rank: int | None = None
+    used_in_prompt: bool = False
+    sections: list[str] = Field(default_factory=list)
+
+
+class Safety(BaseModel):
+    level: Literal["emergency", "none"]
+    rules: list[str] = Field(default_factory=list)
+    advice: str = ""
+    notice: str = ""
+
+
+class ChatResponse(BaseModel):
+    response: str
+    history: list[tuple[str, str]]
+    status: int = 200
+    time: str
+    id: str
+    references: list[Reference]
+    keywords: list[str]
+    usage: Usage
+    finish_reason: str
+    safety: Safety
+    uncertain: bool = False
+
+
+class SearchHit(Reference):
+    pass
+
+
+class SearchResponse(BaseModel):
+    query: str
+    keywords: list[str]
+    confident: bool
+    results: list[SearchHit]
+    latency_ms: float
+
+
+# ----- OpenAI-compatible -----
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Text | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if isinstance(p, dict))
+        return self.content or ""
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI chat completions; fields that standard clients send but we do not use are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, max_length=256)
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=2 * HARD_MAX_HISTORY + 2)
+    temperature: float = temperature_field
+    top_p: float = top_p_field
+    max_tokens: int | None = max_new_tokens_field
+    max_completion_tokens: int | None = max_new_tokens_field
+    stop: StopString | list[StopString] | None = None
+    seed: int | None = seed_field
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    user: str | None = Field(None, max_length=256)
+    stream: bool = False
+    # Extensions (vLLM-style names):
+    top_k: int = top_k_field
+    repetition_penalty: float = Field(1.0, ge=0.5, le=2.0)
+    min_tokens: int = min_new_tokens_field
+    use_knowledge: bool = True
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return stops[:MAX_STOP]

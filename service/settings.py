@@ -1,0 +1,129 @@
+"""All settings, read from DOCTORGLM_* environment variables and an optional .env file."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+SAMPLE_LIBRARY = REPO_ROOT / "knowledge" / "data" / "sample_diseases.jsonl"
+DEFAULT_SAFETY_NOTICE = (
+    "本回答由人工智能生成，仅供参考，不能替代医生的面诊、诊断和治疗；如症状加重或出现紧急情况，请立即就医或拨打120。"
+)
+
+
+class Settings(BaseSettings):
+    """One settings object for the whole service. Every field has a safe default."""
+
+    model_config = SettingsConfigDict(env_prefix="DOCTORGLM_", env_file=".env", extra="ignore")
+
+    # --- model ---
+    model_path: Path | None = Field(
+        None, description="Causal-LM directory. Empty: the embedded default built under cache_dir."
+    )
+    adapter_path: Path | None = Field(None, description="A peft (LoRA) adapter merged into the model at load.")
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    quantization: Literal["none", "int8", "int4"] = "none"
+    engine: Literal["local", "openai"] = "local"
+    upstream_url: str | None = None
+    upstream_model: str | None = None
+    upstream_api_key: SecretStr | None = None
+    upstream_timeout_s: float = Field(120.0, gt=0)
+
+    # --- knowledge ---
+    knowledge_path: Path = SAMPLE_LIBRARY
+    cache_dir: Path = REPO_ROOT / ".cache"
+    brief_chars: int = Field(600, ge=50, le=8000, description="Character budget of the disease brief.")
+    retrieval_k: int = Field(3, ge=1, le=20)
+
+    # --- generation limits ---
+    max_input_chars: int = Field(4000, ge=1)
+    max_history_turns: int = Field(20, ge=0)
+    max_new_tokens: int = Field(512, ge=1)
+    default_max_new_tokens: int = Field(256, ge=1)
+    context_tokens: int = Field(2048, ge=64, description="Prompt + answer token budget.")
+    max_batch_size: int = Field(8, ge=1)
+    max_queue: int = Field(64, ge=1)
+    repetition_guard: bool = True
+    request_timeout_s: float = Field(300.0, gt=0)
+
+    # --- server ---
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: SecretStr | None = None
+    api_keys_file: Path | None = None
+    allow_anonymous: bool = False
+    cors_origins: str = ""
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    drain_grace_s: float = Field(10.0, ge=0)
+    log_text: bool = False
+    audit_text: bool = False
+    audit_log: Path | None = None
+    safety_notice: str = DEFAULT_SAFETY_NOTICE
+    red_flags_path: Path | None = None
+    served_model_name: str = "doctorglm"
+
+    @field_validator("model_path", "adapter_path", "api_keys_file", "audit_log", "red_flags_path",
+                     "upstream_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def keys(self) -> list[str]:
+        """API keys from DOCTORGLM_API_KEYS and DOCTORGLM_API_KEYS_FILE (one per line, # comments)."""
+        found: list[str] = []
+        if self.api_keys is not None:
+            found += [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    found.append(line)
+        return found
+
+    def is_loopback(self) -> bool:
+        if self.host in ("localhost", ""):
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def cors_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+class SettingsError(ValueError):
+    """A setting is wrong; the message says what to fix."""
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse to start on a wrong setting, with a message that says what to fix."""
+    if settings.model_path is not None and not settings.model_path.is_dir():
+        raise SettingsError(
+            f"DOCTORGLM_MODEL_PATH={settings.model_path} is not a directory: mount the model there or unset it"
+        )
+    if settings.adapter_path is not None and not settings.adapter_path.is_dir():
+        raise SettingsError(f"DOCTORGLM_ADAPTER_PATH={settings.adapter_path} is not a directory")
+    if not settings.knowledge_path.is_file():
+        raise SettingsError(
+            f"DOCTORGLM_KNOWLEDGE_PATH={settings.knowledge_path} is not a readable file (a JSONL disease library)"
+        )
+    if settings.api_keys_file is not None and not settings.api_keys_file.is_file():
+        raise SettingsError(f"DOCTORGLM_API_KEYS_FILE={settings.api_keys_file} does not exist")
+    if not settings.is_loopback() and not settings.keys() and not settings.allow_anonymous:
+        raise SettingsError(
+            f"refusing to listen on {settings.host} without API keys: set DOCTORGLM_API_KEYS "
+            "(or DOCTORGLM_API_KEYS_FILE), or DOCTORGLM_ALLOW_ANONYMOUS=true if a gateway authenticates"
+        )
+    if settings.engine == "openai" and not settings.upstream_url:
+        raise SettingsError("DOCTORGLM_ENGINE=openai needs DOCTORGLM_UPSTREAM_URL (an OpenAI-compatible /v1 URL)")
+    if settings.default_max_new_tokens > settings.max_new_tokens:
+        raise SettingsError("DOCTORGLM_DEFAULT_MAX_NEW_TOKENS must not exceed DOCTORGLM_MAX_NEW_TOKENS")

@@ -1,0 +1,127 @@
+"""Index build/cache and search on a tiny library written in a tmp dir (plus one shared-data check)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rank_bm25 import BM25Okapi
+
+from knowledge.index import IndexSettings, LibraryIndex
+from knowledge.search import Retriever, SearchSettings, _top
+
+DOCS = [
+    {"id": "d1", "name": "上呼吸道感染", "aliases": ["感冒"], "department": ["内科", "呼吸内科"],
+     "description": "上呼吸道感染是鼻腔、咽或喉部急性炎症的总称。",
+     "symptoms": ["发烧", "鼻塞", "流鼻涕", "咽痛", "咳嗽"],
+     "diagnosis": "根据鼻咽部症状和体征可作出诊断。", "treatment": "对症治疗。", "prevention": "勤洗手。",
+     "prevalence": "80%", "susceptible_people": "无特殊人群"},
+    {"id": "d2", "name": "小儿腹泻病", "department": ["儿科"], "description": "小儿腹泻病是婴幼儿常见病。",
+     "symptoms": ["腹泻", "呕吐", "发烧", "脱水"], "diagnosis": "大便性状改变，次数增多。", "prevalence": "28%",
+     "susceptible_people": "婴幼儿"},
+    {"id": "d3", "name": "偏头痛", "department": ["神经内科"], "description": "偏头痛是反复发作的头痛。",
+     "symptoms": ["头痛", "恶心", "畏光"], "diagnosis": "反复发作的单侧搏动性头痛。", "prevalence": "5%",
+     "susceptible_people": "中年女性"},
+    {"id": "d4", "name": "急性膀胱炎", "department": ["泌尿外科"], "description": "膀胱的急性感染。",
+     "symptoms": ["尿频", "尿急", "尿痛"], "diagnosis": "尿常规见白细胞。", "prevalence": "1%"},
+    {"id": "d5", "name": "罕见鼻病", "description": "一种罕见病，鼻塞鼻塞鼻塞。", "symptoms": ["鼻塞"],
+     "prevalence": "0.0001%"},
+]
+
+
+def write_library(path: Path, docs: list[dict] = DOCS) -> Path:
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Retriever:
+    lib = write_library(tmp_path / "lib.jsonl")
+    return Retriever.load_or_build(lib, tmp_path / "cache", progress=False)
+
+
+def test_search_interface(tiny: Retriever) -> None:
+    res = tiny.search("宝宝1岁，拉肚子还吐，有点发烧", k=3)
+    assert res.hits and res.hits[0].disease.id == "d2"
+    hit = res.hits[0].to_dict()
+    assert set(hit) == {"id", "name", "score", "matched_keywords", "matched_fields"}
+    assert "symptoms" in hit["matched_fields"] and hit["matched_keywords"]
+    assert res.latency_ms > 0 and tiny.size == 5 and tiny.get("d3").name == "偏头痛"
+    assert isinstance(res.confident, bool)
+
+
+def test_adult_queries(tiny: Retriever) -> None:
+    assert tiny.search("尿频尿急尿痛两天").hits[0].disease.id == "d4"
+    assert tiny.search("女，35岁，头痛，恶心，怕光").hits[0].disease.id == "d3"
+
+
+def test_negation_changes_ranking(tiny: Retriever) -> None:
+    res = tiny.search("没有腹泻，发烧鼻塞流鼻涕")
+    assert res.hits[0].disease.id == "d1"
+    assert "腹泻" in res.negated and "腹泻" not in res.keywords
+
+
+def test_history_is_used_with_decay(tiny: Retriever) -> None:
+    res = tiny.search("现在还是这样", history=["宝宝拉肚子，吐了两次"])
+    assert res.hits and res.hits[0].disease.id == "d2"
+
+
+def test_common_beats_rare_with_same_words(tiny: Retriever) -> None:
+    assert tiny.search("鼻塞").hits[0].disease.id == "d1"
+
+
+def test_cache_reused_and_invalidated(tmp_path: Path) -> None:
+    lib = write_library(tmp_path / "lib.jsonl")
+    cache = tmp_path / "cache"
+    LibraryIndex.load_or_build(lib, cache, progress=False)
+    assert len(list(cache.iterdir())) == 1
+    start = time.perf_counter()
+    LibraryIndex.load_or_build(lib, cache, progress=False)
+    assert time.perf_counter() - start < 1.0
+    assert len(list(cache.iterdir())) == 1  # loaded, not rebuilt
+    LibraryIndex.load_or_build(lib, cache, IndexSettings(k1=1.2), progress=False)
+    assert len(list(cache.iterdir())) == 2  # settings changed
+    write_library(lib, DOCS[:4])
+    os.utime(lib)
+    idx = LibraryIndex.load_or_build(lib, cache, progress=False)
+    assert len(list(cache.iterdir())) == 3 and idx.size == 4  # library changed
+
+
+def test_plain_mode_equals_rank_bm25(tiny: Retriever) -> None:
+    corpus = tiny.index.corpus_tokens()
+    okapi = BM25Okapi(corpus, k1=1.5, b=0.75, epsilon=0)
+    for q in ("发烧鼻塞", "头痛恶心", "尿频", "腹泻呕吐发烧"):
+        tokens = tiny.plain_tokens(q)
+        ours, ref = tiny.plain_scores(tokens), okapi.get_scores(tokens)
+        assert list(_top(ours, 3)) == list(np.argsort(-ref, kind="stable")[:3])
+    plain = Retriever(tiny.index, SearchSettings(mode="plain"))
+    assert plain.search("尿频尿急").hits[0].disease.id == "d4"
+
+
+def test_sample_library_if_present() -> None:
+    sample = Path(__file__).resolve().parent.parent / "knowledge/data/sample_diseases.jsonl"
+    if not sample.is_file():
+        pytest.skip("sample library not written yet")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = Retriever.load_or_build(sample, Path(tmp), progress=False)
+        res = r.search("咳嗽，发烧，流鼻涕")
+        assert res.hits and r.size >= 10
+
+
+@pytest.mark.slow
+def test_full_library_cached(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The 8,791-document library: cold build once (~15-45 s), then cached load <= 1 s."""
+    if not os.environ.get("KNOWLEDGE_FULL_TESTS"):
+        pytest.skip("set KNOWLEDGE_FULL_TESTS=1 to build the full index")
+    cache = tmp_path_factory.mktemp("kcache")
+    Retriever.load_or_build(shared_data / "diseases.jsonl", cache, progress=False)
+    start = time.perf_counter()
+    r = Retriever.load_or_build(shared_data / "diseases.jsonl", cache, progress=False)
+    assert time.perf_counter() - start <= 1.0
+    assert r.size == 8791 and r.search("尿频尿急尿痛").hits

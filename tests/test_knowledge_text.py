@@ -1,0 +1,51 @@
+"""Tokenisation, filtering, negation and patient cues."""
+
+from __future__ import annotations
+
+import pytest
+
+from knowledge.text import TextProcessor, is_content, patient_cues
+
+
+@pytest.fixture(scope="module")
+def proc() -> TextProcessor:
+    return TextProcessor(["手足口病", "上呼吸道感染", "流鼻涕", "腹泻", "发烧"])
+
+
+def test_user_words_stay_whole(proc: TextProcessor) -> None:
+    terms = proc.query_terms("孩子得了手足口病，还有点流鼻涕").terms
+    assert "手足口病" in terms and "流鼻涕" in terms
+
+
+def test_stopwords_generic_and_numbers_dropped() -> None:
+    for word in ("的", "医生", "请问", "怎么办", "两岁", "三个月", "39度", "十公斤"):
+        assert not is_content(word), word
+    for word in ("咳嗽", "腹泻", "十二指肠", "多汗"):
+        assert is_content(word), word
+
+
+@pytest.mark.parametrize(("text", "negated", "kept"), [
+    ("没有发烧，咳嗽两天", "发烧", "咳嗽"),
+    ("无腹泻，呕吐", "腹泻", "呕吐"),
+    ("不咳嗽，但是流鼻涕", "咳嗽", "流鼻涕"),
+    ("否认发烧和腹泻，头痛", "腹泻", "头痛"),
+])
+def test_negation(proc: TextProcessor, text: str, negated: str, kept: str) -> None:
+    qt = proc.query_terms(text)
+    assert negated in qt.negated and negated not in qt.terms
+    assert kept in qt.terms
+
+
+def test_fever_that_persists_is_not_negated(proc: TextProcessor) -> None:
+    qt = proc.query_terms("发烧不退三天")
+    assert "发烧" in qt.terms and "发烧" not in qt.negated
+
+
+def test_patient_cues() -> None:
+    assert patient_cues("宝宝8个月，拉肚子", ["宝宝"]).child
+    assert patient_cues("孩子三岁了").child
+    adult = patient_cues("我今年45岁，男，胸闷", ["男"])
+    assert adult.adult and not adult.child and adult.sex == "male"
+    assert patient_cues("怀孕两个月，恶心", ["怀孕"]).sex == "female"
+    # A parent giving their own age still describes a child patient.
+    assert not patient_cues("我30岁，孩子2岁发烧").adult

@@ -1,0 +1,92 @@
+"""Training settings: one dataclass whose defaults are the DoctorGLM paper's recipe.
+
+Paper (DoctorGLM, ChatGLM-6B): LoRA on q and v, rank 8, alpha 16, Lion at lr 2e-5, batch 4, 1 epoch,
+max sequence 512, max target 100, no warmup, no weight decay. The paper does not state LoRA dropout;
+0.1 is what the ChatGLM-Tuning code it derives from uses, so that is the default here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+Method = Literal["lora", "ptuning", "full"]
+
+# Native GLM (GlmForCausalLM, GLM-4 layout) has separate q/k/v projections: adapt q and v as the paper did.
+NATIVE_GLM_TARGETS = ["q_proj", "v_proj"]
+# ChatGLM-6B/2/3 remote code fuses q, k and v into one Linear `query_key_value`; LoRA on it adapts q, k and v
+# together (peft cannot address a slice of a fused Linear), i.e. slightly more than the paper's q+v.
+CHATGLM_FUSED_TARGETS = ["query_key_value"]
+
+
+@dataclass
+class TrainConfig:
+    method: Method = "lora"
+    # LoRA (paper)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    target_modules: list[str] | None = None  # None: q_proj,v_proj (native GLM) or query_key_value (ChatGLM-6B)
+    # P-tuning v2 (peft PrefixTuning); 128 virtual tokens is ChatGLM-6B's ptuning default
+    pre_seq_len: int = 128
+    # optimisation (paper)
+    optimizer: Literal["lion", "adamw"] = "lion"
+    lr: float = 2e-5
+    batch_size: int = 4
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # >0 caps the run (takes precedence over epochs)
+    max_seconds: float = 0.0  # >0 stops (and keeps the best) after this wall-clock time
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float = 1.0  # the HF Trainer default the original code ran with
+    max_len: int = 512
+    max_target: int = 100
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 (else fp16) on GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 42
+    # prompts
+    with_brief: float = 0.0  # fraction of examples whose prompt carries the prompt designer's disease brief
+    brief_chars: int = 600
+    knowledge_path: str | None = None  # library for --with-brief (default: the service's default library)
+    # evaluation, probe, stopping
+    eval_every: int = 50
+    probe_every: int = 50
+    probe_max_new_tokens: int = 48
+    max_val_examples: int = 200
+    collapse_patience: int = 1  # consecutive collapsed probes before stopping
+    general_loss_delta: float = 1.0  # nats above the run's best general-reference loss that count as collapse
+    early_stop_patience: int = 0  # >0: stop after this many evals without a val-loss improvement
+    log_every: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), ensure_ascii=False, indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """fp32 on CPU (bf16 matmuls are slow there and fp16 unsupported); bf16, else fp16, on GPU."""
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

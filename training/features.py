@@ -1,0 +1,104 @@
+"""Examples → token ids with the served prompt format, labels masked on the prompt, padded batches."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.engine.chat_format import render
+from service.prompt import compose_message
+
+from .data import Example
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # label value the loss skips
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def prompt_text(example: Example, brief: str = "") -> str:
+    """The user message exactly as the service builds it (compose_message)."""
+    return compose_message(example.question, brief)
+
+
+def encode(tokenizer: Any, example: Example, max_len: int = 512, max_target: int = 100,
+           brief: str = "") -> Encoded:
+    """Prompt ids (render: chat template or ChatGLM-6B `[Round 0]\\n问：…\\n答：`) + answer ids + EOS.
+
+    The answer is cut to max_target tokens (then EOS, so the model learns to stop); a prompt that does not
+    fit keeps its tail, where the question and the answer cue are. Labels are IGNORE on the prompt.
+    """
+    prompt = render(tokenizer, [], prompt_text(example, brief))
+    target = tokenizer(example.answer, add_special_tokens=False)["input_ids"][:max_target]
+    target = target + [tokenizer.eos_token_id]
+    room = max(1, max_len - len(target))
+    prompt = prompt[-room:]
+    return Encoded(prompt + target, [IGNORE] * len(prompt) + target)
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, Any]:
+    """Right padding (training needs no left padding); pads are masked out of attention and loss."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+BriefFn = Callable[[str], str]
+
+
+def brief_provider(knowledge_path: Path | None, cache_dir: Path, brief_chars: int = 600) -> BriefFn | None:
+    """question → the prompt designer's brief of the top disease (knowledge.search + knowledge.brief).
+
+    Returns None (and logs why) when the knowledge package cannot be used, so training goes on without briefs.
+    """
+    try:
+        from knowledge.brief import write_brief
+        from knowledge.search import Retriever
+        from service.settings import SAMPLE_LIBRARY
+
+        retriever = Retriever.load_or_build(Path(knowledge_path or SAMPLE_LIBRARY), cache_dir / "index",
+                                            progress=False)
+    except Exception as exc:  # optional feature: report and go on
+        log.warning("no briefs: the knowledge index could not be loaded (%s)", exc)
+        return None
+
+    def brief(question: str) -> str:
+        try:
+            hits = retriever.search(question, k=1).hits
+            return write_brief(hits[0].disease, brief_chars).text if hits else ""
+        except Exception as exc:
+            log.debug("brief failed for %r: %s", question[:40], exc)
+            return ""
+
+    return brief
+
+
+def encode_all(tokenizer: Any, examples: list[Example], max_len: int, max_target: int,
+               with_brief: float = 0.0, brief: BriefFn | None = None, seed: int = 0,
+               progress: bool = False) -> list[Encoded]:
+    """Encode a split; a seeded with_brief fraction of prompts carries the brief (when one is available)."""
+    from tqdm import tqdm
+
+    rng = random.Random(seed)
+    out = []
+    for ex in tqdm(examples, desc="encoding", unit="ex", disable=not progress, leave=False):
+        text = brief(ex.question) if brief is not None and with_brief > 0 and rng.random() < with_brief else ""
+        out.append(encode(tokenizer, ex, max_len, max_target, text))
+    return out
