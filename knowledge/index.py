@@ -23,9 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from knowledge.schema import Disease, LibraryError, load_library
-from knowledge.text import DATA_DIR, TextProcessor, clean_term, cue_words
+from knowledge.text import DATA_DIR, TextProcessor, clean_term, cue_words, normalise
 
-INDEX_VERSION = 5  # bump when the on-disk layout or the tokenisation code changes
+INDEX_VERSION = 6  # bump when the on-disk layout or the tokenisation code changes
 FIELDS = ("name", "symptoms", "prose", "all")  # "all" is the plain-BM25 single field
 # Word lists that change document tokens or flags (lay_terms.json is query-side only).
 INDEX_DATA_FILES = ("stopwords.txt", "generic_words.txt", "cue_words.json")
@@ -80,6 +80,7 @@ class DocMeta:
     elderly: np.ndarray
     adult_only: np.ndarray  # bool: says it affects adults / the elderly / pregnant women, not children
     prevalence: np.ndarray  # percent; NaN when unknown
+    mentions: np.ndarray  # how many other documents list this disease among their complications
     n_symptom_terms: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
@@ -95,6 +96,26 @@ def _doc_flags(d: Disease) -> tuple[bool, bool, bool, bool, bool, bool]:
     elderly = any(m in people for m in cues["elderly_markers"])
     adult_only = not child and (any(m in people for m in cues["adult_markers"]) or female or male or elderly)
     return child, child_only, female, male, elderly, adult_only
+
+
+def complication_mentions(diseases: list[Disease]) -> np.ndarray:
+    """Library-internal commonness: for each disease, the number of OTHER documents that list its name or
+    one of its aliases among their complications. Common conditions (infections, anaemia, heart failure)
+    are the ones many other diseases lead to, whatever the (often missing or odd) prevalence string says."""
+    listed: dict[str, set[int]] = {}
+    for i, d in enumerate(diseases):
+        for c in d.complications:
+            key = normalise(c.strip())
+            if key:
+                listed.setdefault(key, set()).add(i)
+    out = np.zeros(len(diseases), dtype=np.int32)
+    for i, d in enumerate(diseases):
+        docs: set[int] = set()
+        for n in {normalise(x.strip()) for x in (d.name, *d.aliases)}:
+            docs |= listed.get(n, set())
+        docs.discard(i)
+        out[i] = len(docs)
+    return out
 
 
 def _field_texts(d: Disease, settings: IndexSettings) -> dict[str, str]:
@@ -200,6 +221,7 @@ class LibraryIndex:
             child=flags[:, 0], child_only=flags[:, 1], female=flags[:, 2], male=flags[:, 3],
             elderly=flags[:, 4], adult_only=flags[:, 5],
             prevalence=np.array([np.nan if p is None else p for p in prev]),
+            mentions=complication_mentions(diseases),
         )
         index = cls(library_path, settings, proc, fields, meta)
         index._all_tokens = [t["all"] for t in tokens]
@@ -213,7 +235,8 @@ class LibraryIndex:
             model.save(tmp / f, show_progress=False)
         m = self.meta
         np.savez(tmp / "flags.npz", child=m.child, child_only=m.child_only, female=m.female, male=m.male,
-                 elderly=m.elderly, adult_only=m.adult_only, prevalence=m.prevalence)
+                 elderly=m.elderly, adult_only=m.adult_only, prevalence=m.prevalence,
+                 mentions=m.mentions)
         meta = {"ids": m.ids, "names": m.names, "aliases": m.aliases, "symptoms": m.symptoms,
                 "offsets": m.offsets, "library": str(self.library_path), "settings": asdict(self.settings)}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")

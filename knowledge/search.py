@@ -38,7 +38,8 @@ class SearchSettings:
     name_symptom_df: float = 30.0  # a word listed as a symptom of many diseases says little via a name
     history_decay: float = 0.5  # weight of a turn = decay ** (turns back from the present)
     rerank_depth: int = 50
-    w_prevalence: float = 0.2  # per decade of prevalence (percent, log10)
+    w_prevalence: float = 0.3  # per decade of prevalence (percent, log10)
+    w_mentions: float = 0.25  # per log1p(other documents listing the disease as a complication)
     default_prevalence: float = 0.005  # the library's median, for documents without one
     w_child_match: float = 0.3
     w_child_mismatch: float = 0.12
@@ -92,9 +93,11 @@ class Retriever:
         m = index.meta
         prev = np.where(np.isnan(m.prevalence), self.settings.default_prevalence, m.prevalence)
         self._log_prev = np.log10(np.clip(prev, 1e-4, 100.0))
+        self._log_mentions = np.log1p(m.mentions.astype(float))
         self._sym_len = np.array([max(len(s), 1) for s in m.symptoms], dtype=float)
         self._user_words = set(index.text.user_words)
         self._keep_cache: dict[str, bool] = {}
+        self._match_texts: dict[int, dict[str, str]] = {}  # row -> normalised sections, for _hit
         self._symptom_entry = np.array([self._df("symptoms", normalise(strip_age(n))) >= self.settings.symptom_entry_df
                                         for n in m.names], dtype=bool)
 
@@ -192,7 +195,8 @@ class Retriever:
 
     def _priors(self, rows: np.ndarray, cues: PatientCues) -> np.ndarray:
         s, m = self.settings, self.index.meta
-        prior = s.w_prevalence * self._log_prev[rows] - s.w_symptom_entry * self._symptom_entry[rows]
+        prior = (s.w_prevalence * self._log_prev[rows] + s.w_mentions * self._log_mentions[rows]
+                 - s.w_symptom_entry * self._symptom_entry[rows])
         child, child_only = m.child[rows], m.child_only[rows]
         if cues.child:
             prior += s.w_child_match * child - s.w_child_mismatch * m.adult_only[rows]
@@ -289,8 +293,12 @@ class Retriever:
         disease = self.index.doc(row)
         matched: list[str] = []
         fields: list[str] = []
-        texts = {f: normalise(disease.section(f)) for f in _MATCH_FIELDS}
-        texts["name"] = normalise(disease.name)
+        texts = self._match_texts.get(row)
+        if texts is None:
+            texts = {f: normalise(disease.section(f)) for f in _MATCH_FIELDS}
+            texts["name"] = normalise(disease.name)
+            if len(self._match_texts) < 20_000:
+                self._match_texts[row] = texts
         for kw in keywords:
             where = [f for f, t in texts.items() if kw in t]
             if where:

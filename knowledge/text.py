@@ -61,15 +61,13 @@ def lay_terms() -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in raw.items() if not k.startswith("_")}
 
 
+# Full-width forms U+FF01..U+FF5E -> ASCII, except the Chinese punctuation the tokenizer relies on.
+_FULL_WIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F) if chr(c) not in "，。！？；：（）"}
+
+
 def normalise(text: str) -> str:
     """Lower-case, full-width to half-width digits/letters (so ３岁 == 3岁)."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if 0xFF01 <= code <= 0xFF5E and ch not in "，。！？；：（）":
-            ch = chr(code - 0xFEE0)
-        out.append(ch)
-    return "".join(out).lower()
+    return text.translate(_FULL_WIDTH).lower()
 
 
 def clean_term(term: str) -> str:

@@ -116,7 +116,8 @@ def format_report(report: Report, rule_order: Sequence[str]) -> str:
             lines.append(f"  {rid:<24}    n/a  (no cases)")
     if report.misses:
         lines.append("misses (emergency not flagged):")
-        lines += [f"  [{c.rule}] {c.text}" + (f"  history={list(c.history)}" if c.history else "") for c in report.misses]
+        for c in report.misses:
+            lines.append(f"  [{c.rule}] {c.text}" + (f"  history={list(c.history)}" if c.history else ""))
     if report.wrong_rule:
         lines.append("flagged under another rule:")
         lines += [f"  [{c.rule} -> {','.join(r)}] {c.text}" for c, r in report.wrong_rule]

@@ -52,8 +52,10 @@ _MODIFIER_KEYS = (
 class Concept:
     name: str
     pattern: re.Pattern[str]
+    zh: re.Pattern[str] | None  # the Chinese terms alone (run only on text with CJK characters)
+    en: re.Pattern[str] | None  # the English terms alone (run only on text with Latin letters)
     exclude: re.Pattern[str] | None  # drops a match that overlaps one of these
-    unless: re.Pattern[str] | None  # drops a match whose clause contains one of these
+    unless: re.Pattern[str] | None  # drops a match whose sentence contains one of these
     diagnosis: bool  # a disease name: ignored when the clause is speculative ("会不会是中风")
 
 
@@ -147,10 +149,13 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
         diagnosis = entry.get("diagnosis", False)
         if not isinstance(diagnosis, bool):
             raise fail(f"{where}.diagnosis must be true or false")
+        split = compile_split(zh, en, where, fail)
         concepts.append(
             Concept(
                 name=name,
                 pattern=_compile(zh, en, where, fail),
+                zh=split[0],
+                en=split[1],
                 exclude=_compile(exclude, [], f"{where}.exclude", fail) if exclude else None,
                 unless=_compile(unless, [], f"{where}.unless", fail) if unless else None,
                 diagnosis=diagnosis,
@@ -239,16 +244,31 @@ def _compile(zh: list[str], en: list[str], where: str, fail: Any, allow_empty: b
     # English terms may not begin inside a word ("no" must not fire inside "know"); modifier cues
     # must also end at a word end ("no" is not "now"), concept terms may be inflected ("faint-ed").
     end = r"(?![a-z])" if allow_empty else ""
-    parts = [_expand(t) for t in zh] + [rf"(?<![a-z0-9])(?:{_expand(t)}){end}" for t in en]
-    for term, part in zip(zh + en, parts, strict=True):
+    for term in zh + en:
         try:
-            pat = re.compile(part)
+            pat = re.compile(_expand(term))
         except re.error as exc:
             raise fail(f"{where}: bad pattern {term!r}: {exc}") from exc
         if pat.fullmatch(""):
             raise fail(f"{where}: pattern {term!r} matches the empty string")
+    parts = [f"(?:{_expand(t)})" for t in zh]
+    words = [f"(?:{_expand(t)}){end}" for t in en if t[:1].isalnum()]
+    others = [f"(?:{_expand(t)}){end}" for t in en if not t[:1].isalnum()]
+    # One word-start check in front of all word terms: it fails fast inside words, which keeps
+    # matching cheap (the p99 <= 1 ms budget).
+    if words:
+        parts.append(r"(?<![a-z0-9])(?:" + "|".join(words) + ")")
+    parts += others
     if not parts:
         if allow_empty:
             return re.compile(r"(?!x)x")  # never matches
         raise fail(f"{where} has no terms")
-    return re.compile("|".join(f"(?:{p})" for p in parts))
+    return re.compile("|".join(parts))
+
+
+def compile_split(zh: list[str], en: list[str], where: str, fail: Any) -> tuple[re.Pattern[str] | None, ...]:
+    """Separate Chinese and English patterns, so that each runs only on text with that script."""
+    return (
+        _compile(zh, [], where, fail) if zh else None,
+        _compile([], en, where, fail) if en else None,
+    )

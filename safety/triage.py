@@ -25,8 +25,9 @@ from __future__ import annotations
 import re
 import unicodedata
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -40,10 +41,16 @@ Level = Literal["emergency", "none"]
 # Clause and sentence separators, after NFKC (which maps ，？！：； to ASCII). A dot followed by a
 # digit is a decimal point (38.5度), not a full stop.
 _CLAUSE_SEP = re.compile(r"[,;!?:\n。]|\.(?!\d)")
+# For negation scope an English comma does not end the clause ("denies weakness, numbness or
+# slurred speech"); the word window and the scope breaks (", my ...", "but") bound it instead.
+# After NFKC a Chinese full-width comma is "," right after a CJK character: still a separator.
+_NEG_SEP = re.compile(r"[;!?:\n。]|\.(?!\d)|(?<![a-z0-9'\s]),|(?<=[\u3400-\u9fff]\s),")
 _SENTENCE_SEP = re.compile(r"[;!?\n。]|\.(?!\d)")
 _LIST_SEPS = frozenset(",、")
 _MASK = "\x00"  # stands in for concept terms when measuring negation distance
 _UNITS = re.compile(r"[\u3400-\u9fff]|[a-z0-9]+")
+_HAS_CJK = re.compile(r"[\u3400-\u9fff]")
+_HAS_LATIN = re.compile(r"[a-z]")
 
 
 def _normalise(text: str) -> str:
@@ -86,15 +93,17 @@ class Mention:
 class Triage:
     """Red-flag rules loaded from a (hospital-editable) JSON file."""
 
-    def __init__(self, ruleset: RuleSet) -> None:
+    def __init__(self, ruleset: RuleSet, cache_size: int = 4096) -> None:
         self._rs = ruleset
         self._mods = ruleset.modifiers
-        self._by_name: dict[str, Concept] = {c.name: c for c in ruleset.concepts}
+        # A conversation re-sends its earlier turns with every request: caching the (pure) per-turn
+        # scan makes history nearly free. cache_size=0 disables it (the benchmark does).
+        self._scan = lru_cache(maxsize=cache_size)(self._scan_turn) if cache_size > 0 else self._scan_turn
 
     @classmethod
-    def from_file(cls, path: Path | str | None = None) -> Triage:
+    def from_file(cls, path: Path | str | None = None, cache_size: int = 4096) -> Triage:
         """Load rules from ``path`` (default: the packaged red_flags.json); ValueError if malformed."""
-        return cls(load_ruleset(Path(path) if path is not None else DEFAULT_RULES_PATH))
+        return cls(load_ruleset(Path(path) if path is not None else DEFAULT_RULES_PATH), cache_size=cache_size)
 
     @property
     def version(self) -> str:
@@ -108,7 +117,7 @@ class Triage:
         """Assess the question plus earlier *patient* turns (oldest first)."""
         state: dict[str, bool] = {}
         for turn in (*history, question):
-            for mention in self.mentions(turn):
+            for mention in self._scan(turn):
                 state[mention.concept] = mention.affirmed
         present = {name for name, affirmed in state.items() if affirmed}
         lang = detect_language(question if question.strip() else " ".join(history))
@@ -130,11 +139,16 @@ class Triage:
 
     def mentions(self, text: str) -> list[Mention]:
         """All concept mentions in one turn, in text order, with negation applied."""
+        return list(self._scan(text))
+
+    def _scan_turn(self, text: str) -> tuple[Mention, ...]:
         s = _normalise(text)
         found: list[tuple[int, int, Concept]] = []
+        has_cjk = _HAS_CJK.search(s) is not None
+        has_latin = _HAS_LATIN.search(s) is not None
         for concept in self._rs.concepts:
             excluded: list[tuple[int, int]] | None = None
-            for m in concept.pattern.finditer(s):
+            for m in _finditer(concept, s, has_cjk, has_latin):
                 if m.end() == m.start():
                     continue
                 if concept.exclude is not None:
@@ -144,11 +158,11 @@ class Triage:
                         continue
                 end = m.end()
                 # English terms are stems ("sweat"); the mention runs to the end of the word.
-                while end < len(s) and s[end - 1].isascii() and s[end - 1].isalpha() and s[end].isascii() and s[end].isalpha():
+                while end < len(s) and _is_latin(s[end - 1]) and _is_latin(s[end]):
                     end += 1
                 found.append((m.start(), end, concept))
         if not found:
-            return []
+            return ()
         found.sort(key=lambda f: (f[0], f[1]))
 
         chars = list(s)
@@ -157,6 +171,8 @@ class Triage:
         masked = "".join(chars)
         clauses = _split(s, _CLAUSE_SEP)
         clause_starts = [c.start for c in clauses]
+        neg_clauses = _split(s, _NEG_SEP)
+        neg_starts = [c.start for c in neg_clauses]
         sentences = _split(s, _SENTENCE_SEP)
         sentence_starts = [c.start for c in sentences]
 
@@ -167,14 +183,15 @@ class Triage:
             sentence = sentences[bisect_right(sentence_starts, start) - 1]
             if self._ignored(s, start, end, concept, clause, sentence):
                 continue
-            negated = self._negated(s, masked, start, end, clauses, ci)
+            ni = bisect_right(neg_starts, start) - 1
+            negated = self._negated(s, masked, start, end, neg_clauses, ni)
             out.append(Mention(start, end, concept.name, not negated))
-        return out
+        return tuple(out)
 
     def _ignored(self, s: str, start: int, end: int, concept: Concept, clause: _Clause, sentence: _Clause) -> bool:
         m = self._mods
         cs, ce = clause.start, clause.end
-        if concept.unless is not None and concept.unless.search(s, cs, ce):
+        if concept.unless is not None and concept.unless.search(s, sentence.start, sentence.end):
             return True
         if m.educational.search(s, cs, ce):
             return True
@@ -223,6 +240,17 @@ class Triage:
             _units(prefix[cue.end() :], m.conjunction) <= self._rs.negation_window
             for cue in m.negation.finditer(prefix)
         )
+
+
+def _is_latin(ch: str) -> bool:
+    return "a" <= ch <= "z"
+
+
+def _finditer(concept: Concept, s: str, has_cjk: bool, has_latin: bool) -> Iterator[re.Match[str]]:
+    if has_cjk and concept.zh is not None:
+        yield from concept.zh.finditer(s)
+    if has_latin and concept.en is not None:
+        yield from concept.en.finditer(s)
 
 
 def _ends_adjacent(prefix: str, pattern: re.Pattern[str]) -> bool:

@@ -98,6 +98,9 @@ async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id:
             if room < request.params.max_new_tokens:
                 request.params = SamplingParams(**{**request.params.__dict__, "max_new_tokens": room})
         handle = runtime.engine.submit(request, prompt_ids)
+        opener = getattr(handle, "open", None)
+        if opener is not None:  # engines that connect elsewhere fail here, before any byte is streamed
+            await opener()
     except EngineError as exc:
         raise to_api_error(exc) from exc
     safety = {**assessment.to_dict(), "notice": notice}

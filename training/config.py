@@ -57,6 +57,7 @@ class TrainConfig:
     probe_every: int = 50
     probe_max_new_tokens: int = 48
     max_val_examples: int = 200
+    stop_on_collapse: bool = True  # False: record collapse in the metrics but keep training (demo pretrain)
     collapse_patience: int = 1  # consecutive collapsed probes before stopping
     general_loss_delta: float = 1.0  # nats above the run's best general-reference loss that count as collapse
     early_stop_patience: int = 0  # >0: stop after this many evals without a val-loss improvement

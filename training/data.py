@@ -146,7 +146,7 @@ def record_to_example(record: object, source: str) -> tuple[Example | None, str]
         return None, "no question/answer or instruction/input/output fields"
     if not question or not answer:
         return None, "empty question or answer"
-    return Example(question, answer, _clean(record.get("source")) or source), ""
+    return Example(question, answer, source), ""  # source = the file it came from (filterable)
 
 
 def read_jsonl(path: Path) -> tuple[list[Example], ReadReport]:

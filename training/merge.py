@@ -30,11 +30,15 @@ def merge(adapter_dir: Path, out_dir: Path, base_dir: Path | None = None, dtype:
     if "LORA" not in peft_type.upper():
         raise ValueError(f"{adapter_dir} is a {peft_type} adapter: only LoRA merges into the weights "
                          "(serve P-tuning v2 prefixes with the base model and peft instead)")
-    # Merge in fp32 on CPU for exactness, save in the requested dtype (auto: the base model's own dtype).
+    # Merge in fp32 for exactness, save in the requested dtype (auto: the dtype the base model was saved in).
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    if dtype != "auto":
-        merged = merged.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    if dtype == "auto":
+        saved = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+        target = getattr(torch, str(saved.get("dtype") or saved.get("torch_dtype") or "float32"), torch.float32)
+    else:
+        target = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    merged = merged.to(target)
     tokenizer_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

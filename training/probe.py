@@ -20,13 +20,16 @@ GENERAL = [
     Example("怎样才能睡得更好？", "保持规律的作息，睡前少看手机，避免喝咖啡和浓茶，卧室保持安静和适宜的温度。"),
 ]
 MEDICAL = [
-    Example("我最近总是头痛，晚上也睡不好，怎么办？", "头痛伴失眠常见于紧张性头痛或睡眠不足，建议规律作息、放松情绪，"
+    Example("我最近总是头痛，晚上也睡不好，怎么办？",
+            "头痛伴失眠常见于紧张性头痛或睡眠不足，建议规律作息、放松情绪，"
             "如果头痛加重或伴有呕吐、肢体无力，请及时到神经内科就诊。"),
-    Example("孩子发烧38.5度，咳嗽，需要去医院吗？", "体温38.5度可以先物理降温并按说明服用退烧药，多喝水；如果持续高热超过三天、"
-            "精神差或呼吸急促，请及时到儿科就诊。"),
-    Example("胃疼，吃完饭以后更明显，是胃炎吗？", "饭后胃痛加重可能与胃炎或消化不良有关，建议清淡饮食、少食多餐，"
-            "必要时做胃镜检查明确诊断。"),
-    Example("高血压患者平时饮食要注意什么？", "高血压患者应低盐低脂饮食，多吃蔬菜水果，戒烟限酒，规律监测血压并按医嘱服药。"),
+    Example("孩子发烧38.5度，咳嗽，需要去医院吗？",
+            "体温38.5度可以先物理降温并按说明服用退烧药，多喝水；"
+            "如果持续高热超过三天、精神差或呼吸急促，请及时到儿科就诊。"),
+    Example("胃疼，吃完饭以后更明显，是胃炎吗？",
+            "饭后胃痛加重可能与胃炎或消化不良有关，建议清淡饮食、少食多餐，必要时做胃镜检查明确诊断。"),
+    Example("高血压患者平时饮食要注意什么？",
+            "高血压患者应低盐低脂饮食，多吃蔬菜水果，戒烟限酒，规律监测血压并按医嘱服药。"),
 ]
 
 
@@ -120,11 +123,12 @@ def reference_loss(model: Any, tokenizer: Any, examples: list[Example], max_len:
 @dataclass
 class CollapseWatch:
     """Stateful rule: degenerate now although healthy at the start, or general loss `delta` nats above its
-    best so far, for `patience` probes in a row. A model that was garbage from the start (training from
-    scratch) is not 'collapsing'; it only counts once it has been healthy."""
+    best so far, for `patience` probes in a row. A model that was garbage from the start (random init: varied
+    but meaningless text, general loss near ln(vocab)) is not 'collapsing'; it only counts once it was healthy."""
 
     delta: float = 1.0
     patience: int = 1
+    healthy_below: float = float("inf")  # general loss a model must beat to count as healthy (< ln(vocab) - 1)
     best_general: float = float("inf")
     was_healthy: bool = False
     strikes: int = 0
@@ -133,7 +137,7 @@ class CollapseWatch:
         forgot = scores.general_loss > self.best_general + self.delta
         bad = (scores.degenerate and self.was_healthy) or forgot
         self.best_general = min(self.best_general, scores.general_loss)
-        self.was_healthy = self.was_healthy or not scores.degenerate
+        self.was_healthy = self.was_healthy or (not scores.degenerate and scores.general_loss < self.healthy_below)
         self.strikes = self.strikes + 1 if bad else 0
         scores.collapsed = self.strikes >= self.patience
         return scores.collapsed

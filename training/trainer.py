@@ -74,10 +74,11 @@ def make_optimizer(params: list[Any], cfg: TrainConfig) -> Any:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, total: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
+    """Warmup, then constant / linear / cosine decay over the steps or the time budget, whichever ends first."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    progress = max((step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps), time_progress)
     if cfg.lr_schedule == "linear":
         return max(0.0, 1 - progress)
     if cfg.lr_schedule == "cosine":
@@ -161,11 +162,19 @@ class Trainer:
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+        clock = {"start": time.perf_counter(), "before": 0.0}  # seconds of earlier (resumed) sessions in "before"
+
+        def time_progress() -> float:
+            if not cfg.max_seconds:
+                return 0.0
+            return (clock["before"] + time.perf_counter() - clock["start"]) / cfg.max_seconds
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg, time_progress()))
         amp_dtype = resolve_dtype(cfg.dtype, device)
         use_amp = device == "cuda" and amp_dtype != torch.float32
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-        watch = CollapseWatch(delta=cfg.general_loss_delta, patience=cfg.collapse_patience)
+        watch = CollapseWatch(delta=cfg.general_loss_delta, patience=cfg.collapse_patience,
+                              healthy_below=math.log(len(tokenizer)) - 1)
         state: dict[str, Any] = {"step": 0, "history": [], "probes": [], "best_val": float("inf"), "bad_evals": 0,
                                  "seconds": 0.0, "samples": 0, "tokens": 0}
         last = run_dir / "checkpoint-last"
@@ -205,10 +214,10 @@ class Trainer:
             state["history"].append(row)
             state["probes"].append(probe.to_dict())
             reason = ""
-            if collapsed:
+            if collapsed and cfg.stop_on_collapse:
                 reason = "collapse"
                 log.warning("collapse at step %d: %s", step, {k: row[k] for k in ("general_loss", "repeat_4gram")})
-            elif row["val_loss"] < state["best_val"]:
+            elif row["val_loss"] < state["best_val"] and not collapsed:
                 state["best_val"], state["bad_evals"] = row["val_loss"], 0
                 save_weights(model, tokenizer, run_dir / "best", cfg)
             else:
@@ -222,6 +231,7 @@ class Trainer:
         if state["step"] == 0 and not state["history"]:
             evaluation(0, None)  # the "before" probe
         stopped, started = "completed", time.perf_counter() - state["seconds"]
+        clock["start"], clock["before"] = time.perf_counter(), state["seconds"]
         bar = tqdm(total=total, initial=state["step"], desc=f"train {cfg.method}", unit="step",
                    disable=not self.progress)
         running, n_running = 0.0, 0
@@ -236,7 +246,7 @@ class Trainer:
                 with torch.autocast(device_type=device, dtype=amp_dtype, enabled=use_amp):
                     loss = model(**batch).loss / cfg.grad_accum
                 scaler.scale(loss).backward()
-                running += float(loss) * cfg.grad_accum
+                running += loss.detach().item() * cfg.grad_accum
                 n_running += 1
                 state["samples"] += len(idx)
                 state["tokens"] += int(batch["attention_mask"].sum())

@@ -1,0 +1,306 @@
+"""Red-flag triage (safety/): rules, negation, history, advice language, rule-file validation, eval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from safety import DEFAULT_RULES_PATH, SafetyAssessment, Triage, detect_language
+from safety.evaluate import DEFAULT_SETS, evaluate, load_cases
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def triage() -> Triage:
+    return Triage.from_file()
+
+
+def rules_of(t: Triage, text: str, history: tuple[str, ...] = ()) -> list[str]:
+    return t.assess(text, history).rule_ids
+
+
+# -- detection ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("胸口痛，出了一身冷汗", "cardiac_chest_pain"),
+        ("chest pain going down my left arm", "cardiac_chest_pain"),
+        ("我爸突然嘴歪了，说话含糊", "stroke_signs"),
+        ("her face is drooping and her speech is slurred", "stroke_signs"),
+        ("喘不上气，嘴唇发紫", "severe_breathing"),
+        ("吃了花生后舌头肿了", "anaphylaxis"),
+        ("吐了好多血", "heavy_bleeding"),
+        ("老人晕倒了叫不醒", "unconscious"),
+        ("孩子全身抽搐", "seizure"),
+        ("我不想活了", "suicide_risk"),
+        ("I want to kill myself", "suicide_risk"),
+        ("吃了一整瓶安眠药", "poisoning_overdose"),
+        ("宝宝出生20天，发烧38度", "infant_danger"),
+        ("怀孕8周，下腹剧烈疼痛", "pregnancy_emergency"),
+    ],
+)
+def test_emergencies_fire_their_rule(triage: Triage, text: str, rule: str) -> None:
+    a = triage.assess(text)
+    assert a.level == "emergency"
+    assert rule in a.rule_ids
+    assert a.advice and a.prompt_note
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "咳嗽三天，有点黄痰，不发烧",
+        "I have a mild cough and a sore throat",
+        "高血压十年，一直吃氨氯地平，控制得好，可以换药吗",
+        "左眼皮一直跳",
+        "小腿晚上抽筋",
+        "想死你了",
+        "This headache is killing me, which painkiller?",
+    ],
+)
+def test_look_alikes_are_not_emergencies(triage: Triage, text: str) -> None:
+    a = triage.assess(text)
+    assert a.level == "none"
+    assert a.rule_ids == [] and a.advice == "" and a.prompt_note == ""
+
+
+# -- negation, hedging, remote history -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "没有胸痛，也没有出汗",
+        "否认胸痛、胸闷、大汗",
+        "No chest pain or sweating",
+        "denies chest pain, shortness of breath, or sweating",
+        "He denies weakness, numbness or slurred speech",
+        "没有呼吸困难，只是干咳",
+        "I don't want to die, I just have a cold",
+    ],
+)
+def test_negated_red_flags_do_not_fire(triage: Triage, text: str) -> None:
+    assert triage.assess(text).level == "none"
+
+
+def test_negation_scope_ends_at_but_and_punctuation(triage: Triage) -> None:
+    assert triage.assess("没有发烧，但是胸口痛，出冷汗").level == "emergency"
+    assert triage.assess("没有发烧但胸痛出汗").level == "emergency"
+    assert triage.assess("no fever, but crushing chest pain and sweating").level == "emergency"
+    assert triage.assess("I have no fever, my chest hurts and I'm sweating").level == "emergency"
+
+
+def test_pseudo_negations_still_count(triage: Triage) -> None:
+    # 不排除 / 无明显诱因 / 止不住 contain negation characters but affirm the finding.
+    assert triage.assess("无明显诱因出现胸痛，伴大汗").level == "emergency"
+    assert triage.assess("鼻子出血一个小时了止不住").level == "emergency"
+    assert triage.assess("I'm not sure, but I think my face is drooping").level == "emergency"
+
+
+def test_hedged_symptom_counts_but_speculative_diagnosis_does_not(triage: Triage) -> None:
+    assert triage.assess("好像有点胸痛，还出冷汗").level == "emergency"
+    assert triage.assess("我担心自己会不会中风，血压有点高").level == "none"
+
+
+def test_remote_history_and_hypotheticals_do_not_fire(triage: Triage) -> None:
+    assert triage.assess("三年前中风过，现在想问降压药").level == "none"
+    assert triage.assess("I had a heart attack 5 years ago, what diet now?").level == "none"
+    assert triage.assess("如果出现胸痛出汗应该怎么办").level == "none"
+    assert triage.assess("What are the warning signs of a stroke?").level == "none"
+    # ... but a current sign in another clause still counts.
+    assert triage.assess("三年前中风过，现在左边手脚又没力气了").level == "emergency"
+
+
+def test_recent_resolved_episode_still_counts(triage: Triage) -> None:
+    # Documented policy: a transient seizure / faint / TIA is itself an emergency warning.
+    assert triage.assess("昨天抽搐过一次现在好了").rule_ids == ["seizure"]
+
+
+# -- history -----------------------------------------------------------------------------------
+
+
+def test_red_flag_in_history_counts(triage: Triage) -> None:
+    a = triage.assess("现在该怎么办？", history=["我爸爸突然说话不清楚"])
+    assert a.level == "emergency" and a.rule_ids == ["stroke_signs"]
+
+
+def test_concepts_combine_across_turns(triage: Triage) -> None:
+    assert triage.assess("出冷汗，浑身湿透了").level == "none"
+    assert triage.assess("出冷汗，浑身湿透了", history=["胸口一阵阵地痛"]).rule_ids == ["cardiac_chest_pain"]
+
+
+def test_later_negation_retracts_earlier_red_flag(triage: Triage) -> None:
+    a = triage.assess("不好意思说错了，没有胸痛，是胃痛", history=["胸痛，出汗"])
+    assert a.level == "none"
+    # ... and a later affirmation re-opens it.
+    b = triage.assess("现在又胸痛了，还出汗", history=["胸痛出汗", "没有胸痛了"])
+    assert b.level == "emergency"
+
+
+def test_history_order_matters(triage: Triage) -> None:
+    assert triage.assess("好的", history=["没有胸痛", "其实胸痛得厉害，出冷汗"]).level == "emergency"
+
+
+# -- language, advice, shape -------------------------------------------------------------------
+
+
+def test_detect_language() -> None:
+    assert detect_language("我胸口痛") == "zh"
+    assert detect_language("my chest hurts") == "en"
+    assert detect_language("我的MRI报告") == "zh"
+    assert detect_language("What does 胸痛 mean in English?") == "en"
+    assert detect_language("") == "zh"
+
+
+def test_advice_follows_question_language(triage: Triage) -> None:
+    zh = triage.assess("我想自杀")
+    en = triage.assess("I want to kill myself")
+    assert zh.lang == "zh" and "120" in zh.advice and detect_language(zh.advice) == "zh"
+    assert en.lang == "en" and "emergency" in en.advice.lower() and detect_language(en.advice) == "en"
+    assert detect_language(zh.prompt_note) == "zh" and detect_language(en.prompt_note) == "en"
+    # English question after a Chinese history: advice in the language of the question.
+    mixed = triage.assess("What should I do?", history=["孩子误服了农药"])
+    assert mixed.lang == "en" and detect_language(mixed.advice) == "en"
+
+
+def test_prompt_note_and_to_dict(triage: Triage) -> None:
+    a = triage.assess("胸口痛，出了一身冷汗")
+    assert isinstance(a, SafetyAssessment)
+    assert a.to_dict() == {"level": "emergency", "rules": ["cardiac_chest_pain"], "advice": a.advice}
+    assert "120" in a.prompt_note and "胸痛" in a.prompt_note
+    assert triage.assess("咳嗽").to_dict() == {"level": "none", "rules": [], "advice": ""}
+
+
+def test_multiple_rules_fire_in_file_order(triage: Triage) -> None:
+    a = triage.assess("吃了一整瓶安眠药，现在叫不醒")
+    assert a.rule_ids == ["unconscious", "poisoning_overdose"]
+    assert a.advice.count("120") >= 2
+
+
+def test_version_and_rule_ids(triage: Triage) -> None:
+    data = json.loads(DEFAULT_RULES_PATH.read_text(encoding="utf-8"))
+    assert triage.version == data["version"]
+    assert triage.rule_ids == [r["id"] for r in data["rules"]]
+    assert Triage.from_file(DEFAULT_RULES_PATH).version == triage.version
+
+
+def test_mixed_script_and_fullwidth_input(triage: Triage) -> None:
+    assert triage.assess("ＣＨＥＳＴ ＰＡＩＮ and sweating").level == "emergency"  # NFKC
+    assert triage.assess("胸痛, sweating a lot").level == "emergency"
+
+
+# -- malformed rule files ----------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, data: object) -> Path:
+    p = tmp_path / "rules.json"
+    p.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return p
+
+
+def _valid() -> dict:
+    return json.loads(DEFAULT_RULES_PATH.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.pop("version"), "version"),
+        (lambda d: d.__setitem__("rules", []), "rules"),
+        (lambda d: d["rules"][0].__setitem__("when", [["no_such_concept"]]), "unknown concept"),
+        (lambda d: d["rules"][0]["advice"].pop("en"), "advice"),
+        (lambda d: d["rules"][1].__setitem__("id", d["rules"][0]["id"]), "duplicate rule id"),
+        (lambda d: d["concepts"]["chest_pain"]["zh"].append("胸(痛"), "bad pattern"),
+        (lambda d: d["concepts"]["chest_pain"]["en"].append("x?"), "empty string"),
+        (lambda d: d["modifiers"].pop("negation"), "modifiers.negation"),
+        (lambda d: d["prompt_note"].__setitem__("zh", "紧急"), "conditions"),
+    ],
+)
+def test_malformed_rule_file_raises_clear_value_error(tmp_path: Path, mutate, message: str) -> None:
+    data = _valid()
+    mutate(data)
+    path = _write(tmp_path, data)
+    with pytest.raises(ValueError, match=message) as info:
+        Triage.from_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_not_json_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Triage.from_file(bad)
+    with pytest.raises(ValueError, match="cannot read"):
+        Triage.from_file(tmp_path / "missing.json")
+
+
+def test_edited_rule_file_is_used(tmp_path: Path) -> None:
+    data = _valid()
+    data["version"] = "test-1"
+    data["concepts"]["seizure"]["zh"].append("发羊癫")
+    t = Triage.from_file(_write(tmp_path, data))
+    assert t.version == "test-1"
+    assert t.assess("他在发羊癫").rule_ids == ["seizure"]
+
+
+# -- evaluation set ----------------------------------------------------------------------------
+
+
+def test_eval_set_shape() -> None:
+    cases = load_cases(DEFAULT_SETS[0])
+    assert len(cases) >= 150
+    assert sum(c.emergency for c in cases) * 2 >= len(cases)
+    assert {c.lang for c in cases} == {"zh", "en"}
+    tags = {c.tag for c in cases}
+    assert {"negated", "remote", "resolved", "history", "lookalike"} <= tags
+
+
+def test_every_rule_has_eval_cases_and_meets_goal(triage: Triage) -> None:
+    cases = load_cases(DEFAULT_SETS[0])
+    report = evaluate(triage, cases)
+    assert set(report.rule_total) == set(triage.rule_ids), "every rule needs labelled cases"
+    assert all(report.rule_hit[r] >= 1 for r in triage.rule_ids)
+    assert report.recall >= 0.95
+    assert report.false_alarm_rate <= 0.10
+
+
+def test_holdout_set_exists_and_is_fresh() -> None:
+    holdout = load_cases(DEFAULT_SETS[1])
+    assert len(holdout) >= 40
+    seen = {c.text for c in load_cases(DEFAULT_SETS[0])}
+    assert not seen & {c.text for c in holdout}
+
+
+def test_cli_eval_reports_both_sets() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "safety", "eval"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "triage_eval.jsonl" in proc.stdout and "triage_holdout.jsonl" in proc.stdout
+    assert "recall" in proc.stdout and "false-alarm rate" in proc.stdout
+
+
+def test_cli_eval_bad_rules_file_exit_code(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "safety", "eval", "--rules", str(bad)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "top level" in proc.stderr
+
+
+def test_turn_cache_does_not_change_results(triage: Triage) -> None:
+    uncached = Triage.from_file(cache_size=0)
+    for case in load_cases(DEFAULT_SETS[0])[:60]:
+        assert triage.assess(case.text, case.history) == uncached.assess(case.text, case.history)
