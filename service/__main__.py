@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -60,22 +61,37 @@ def main() -> int:
     app = create_app(settings, runtime=runtime)
 
     class DrainingServer(uvicorn.Server):
-        """SIGTERM: /readyz turns 503 at once, streams may finish within the grace period, then end."""
+        """SIGTERM/SIGINT drain: /readyz and new requests answer 503 at once while the server keeps
+        listening; in-flight streams may finish within DOCTORGLM_DRAIN_GRACE_S, then the engine ends the
+        rest with an `error` event; then uvicorn shuts down and the process exits 0. A second SIGINT
+        (or SIGTERM) stops at once."""
 
         def handle_exit(self, sig: int, frame: object) -> None:
             if not runtime.draining:
                 runtime.draining = True
-                log.info("draining", extra={"active_streams": runtime.active_streams,
+                log.info("draining", extra={"signal": signal.Signals(sig).name,
+                                            "active_streams": runtime.active_streams,
                                             "grace_s": settings.drain_grace_s})
-                threading.Thread(target=self._end_streams, daemon=True).start()
-            super().handle_exit(sig, frame)
+                threading.Thread(target=self._drain, name="drain", daemon=True).start()
+                return
+            # Not super().handle_exit: uvicorn would re-raise the signal after shutdown (exit status -15).
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
 
-        def _end_streams(self) -> None:
-            deadline = time.monotonic() + settings.drain_grace_s
+        def _drain(self) -> None:
+            started = time.monotonic()
+            deadline = started + settings.drain_grace_s
             while runtime.active_streams > 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if runtime.active_streams > 0 and hasattr(runtime.engine, "abort_all"):
+                time.sleep(0.02)
+            left = runtime.active_streams
+            if left > 0 and hasattr(runtime.engine, "abort_all"):
                 runtime.engine.abort_all("the server is shutting down")
+                end = time.monotonic() + 5  # the error events go out
+                while runtime.active_streams > 0 and time.monotonic() < end:
+                    time.sleep(0.02)
+            log.info("drained", extra={"seconds": round(time.monotonic() - started, 3), "aborted_streams": left})
+            self.should_exit = True
 
     config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=int(settings.drain_grace_s) + 5,
                             access_log=False)

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 
+from .conversation import audit_request
 from .errors import install_error_handlers
 from .middleware import RequestContextMiddleware
 from .routes import chat, health, knowledge, openai_compat
@@ -43,7 +44,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
                 await asyncio.to_thread(runtime.engine.stop)
             runtime.audit.close()
 
-    app = FastAPI(title="DoctorGLM service", version="0.1.0", lifespan=lifespan,
+    # strict_content_type=False: a body without Content-Type is read as JSON, as ChatGLM api.py clients
+    # (requests.post(url, data=json.dumps(...))) send it.
+    app = FastAPI(title="DoctorGLM service", version="0.1.0", lifespan=lifespan, strict_content_type=False,
                   description="Grounded, streaming medical dialogue. Answers are not a diagnosis.")
     app.state.runtime = runtime
     install_error_handlers(app)
@@ -51,7 +54,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_list(), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
                            expose_headers=["x-request-id"])
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=runtime.metrics)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=runtime.metrics,
+                       is_draining=lambda: runtime.draining,
+                       known_paths=lambda: {getattr(r, "path", "") for r in app.routes},
+                       on_finish=lambda state, route, status, elapsed: audit_request(runtime, state, route, status,
+                                                                                     elapsed))
     for router in (chat.router, openai_compat.router, knowledge.router, health.router):
         app.include_router(router)
 

@@ -46,7 +46,10 @@ class ChatStart:
     safety: dict[str, Any]
     handle: Any
     started: float
+    received_at: float = field(default_factory=time.time)
     text: list[str] = field(default_factory=list)
+    opened: bool = False  # run_chat began: it owns the audit record from then on
+    audited: bool = False
 
 
 def strip_notice(answer: str, notice: str) -> str:
@@ -74,8 +77,10 @@ def _check_limits(runtime: Runtime, chat: ChatInput) -> None:
 
 
 async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id: str) -> ChatStart:
+    if runtime.draining:
+        raise APIError(503, "draining", "the server is shutting down; retry on another instance", {"Retry-After": "5"})
     if not runtime.ready:
-        raise APIError(503, "not_ready", "the service is starting or draining; retry shortly", {"Retry-After": "5"})
+        raise APIError(503, "not_ready", "the service is starting; retry shortly", {"Retry-After": "5"})
     _check_limits(runtime, chat)
     notice = runtime.settings.safety_notice
     chat.history = [ChatTurn(t.user, strip_notice(t.assistant, notice)) for t in chat.history]
@@ -120,7 +125,9 @@ async def run_chat(runtime: Runtime, start: ChatStart) -> AsyncIterator[tuple[st
     status = 499
     usage = {"prompt_tokens": start.handle.prompt_tokens, "completion_tokens": 0}
     first_at: float | None = None
+    start.opened = True
     runtime.stream_opened()
+    error_code: str | None = None
     try:
         yield "meta", meta_event(start)
         async for event in start.handle:
@@ -136,8 +143,8 @@ async def run_chat(runtime: Runtime, start: ChatStart) -> AsyncIterator[tuple[st
                 runtime.metrics.tokens.inc(event.completion_tokens)
                 if event.error:
                     status = 500 if finish == "error" else 503
-                    code = "generation_failed" if finish == "error" else "shutting_down"
-                    yield "error", {"code": code, "message": event.error, "request_id": start.request_id}
+                    error_code = "generation_failed" if finish == "error" else "shutting_down"
+                    yield "error", error_payload(error_code, event.error, start.request_id)
                     return
                 status = 200
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -148,20 +155,36 @@ async def run_chat(runtime: Runtime, start: ChatStart) -> AsyncIterator[tuple[st
         raise
     except EngineError as exc:
         mapped = to_api_error(exc)
-        finish, status = "error", mapped.status
-        yield "error", {"code": mapped.code, "message": mapped.message, "request_id": start.request_id}
+        finish, status, error_code = "error", mapped.status, mapped.code
+        yield "error", error_payload(mapped.code, mapped.message, start.request_id)
     finally:
         start.handle.cancel()
         runtime.stream_closed()
         runtime.metrics.finish.labels(finish).inc()
-        _audit(runtime, start, finish, status, usage, first_at)
+        audit_chat(runtime, start, finish, status, usage, first_at, error_code)
 
 
-def _audit(runtime: Runtime, start: ChatStart, finish: str, status: int, usage: dict[str, int],
-           first_at: float | None) -> None:
+def error_payload(code: str, message: str, request_id: str | None) -> dict[str, Any]:
+    """The SSE `error` event: the one error shape, plus its fields flat for simple clients (the chat page)."""
+    error = {"code": code, "message": message, "request_id": request_id}
+    return {"error": error, **error}
+
+
+def _iso(timestamp: float | None = None) -> str:
+    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC) if timestamp is not None else dt.datetime.now(dt.UTC)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def audit_chat(runtime: Runtime, start: ChatStart, finish: str, status: int, usage: dict[str, int],
+               first_at: float | None, error_code: str | None = None) -> None:
+    """The audit record of an accepted chat (written once, whatever way it ended)."""
+    if start.audited:
+        return
+    start.audited = True
     now = time.perf_counter()
     record: dict[str, Any] = {
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        "time": _iso(),
+        "received_at": _iso(start.received_at),
         "request_id": start.request_id,
         "id": start.id,
         "key_id": start.key_id,
@@ -175,6 +198,7 @@ def _audit(runtime: Runtime, start: ChatStart, finish: str, status: int, usage: 
         "references": [{"id": r["id"], "name": r["name"], "score": r["score"]} for r in start.designed.references],
         "safety_level": start.safety["level"],
         "safety_rules": start.safety["rules"],
+        "error": error_code,
     }
     if runtime.settings.audit_text:
         record["question"] = start.input.question
@@ -184,13 +208,25 @@ def _audit(runtime: Runtime, start: ChatStart, finish: str, status: int, usage: 
                                      "completion_tokens": usage.get("completion_tokens", 0)})
 
 
-def audit_rejection(runtime: Runtime, route: str, request_id: str, key_id: str, error: APIError) -> None:
-    """Failed requests get an audit record too (no text: none was accepted)."""
-    runtime.audit.write({
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-        "request_id": request_id, "key_id": key_id, "route": route, "status": error.status,
-        "error": error.code, "finish_reason": None,
-    })
+def audit_request(runtime: Runtime, state: dict[str, Any], route: str, status: int, elapsed_s: float) -> None:
+    """Middleware hook, once per API request: accepted chats are audited by run_chat; every other
+    request (rejected, failed, or not a chat) gets its record here."""
+    start: ChatStart | None = state.get("chat")
+    if start is not None:
+        if not start.opened and not start.audited:  # accepted, but the response never started
+            start.handle.cancel()
+            audit_chat(runtime, start, "cancelled", status if status != 200 else 499,
+                       {"prompt_tokens": start.handle.prompt_tokens, "completion_tokens": 0}, None)
+        return
+    now = time.time()
+    record: dict[str, Any] = {
+        "time": _iso(now), "received_at": _iso(now - elapsed_s), "request_id": state.get("request_id"),
+        "key_id": state.get("key_id"), "route": route, "status": status,
+        "latency_ms": round(elapsed_s * 1000, 1), "error": state.get("error_code"), "finish_reason": None,
+    }
+    if runtime.settings.audit_text and state.get("audit_query"):
+        record["question"] = state["audit_query"]
+    runtime.audit.write(record)
 
 
 def clock() -> str:

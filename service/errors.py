@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine.types import EngineNotReady, PromptTooLong, QueueFull, UpstreamError
 
 log = logging.getLogger(__name__)
+BAD_JSON = "the body is not valid UTF-8 JSON"
 
 
 class APIError(Exception):
@@ -51,6 +52,12 @@ def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+def _reply(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+           **extra: Any) -> JSONResponse:
+    request.state.error_code = code  # for the audit record
+    return JSONResponse(error_body(code, message, _request_id(request), **extra), status, headers)
+
+
 def _validation_message(errors: list[dict[str, Any]]) -> str:
     parts = []
     for err in errors[:5]:
@@ -62,29 +69,29 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, _request_id(request)), exc.status, exc.headers)
+        return _reply(request, exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
-            return JSONResponse(error_body("invalid_json", "the body is not valid UTF-8 JSON", _request_id(request)),
-                                400)
+            return _reply(request, 400, "invalid_json", BAD_JSON)
+        # No `input` in the details: it may be patient text, and it is echoed to logs by proxies.
         details = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
                    for e in errors[:20]]
-        return JSONResponse(
-            error_body("invalid_request", _validation_message(errors), _request_id(request), details=details), 422)
+        return _reply(request, 422, "invalid_request", _validation_message(errors), details=details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": bad UTF-8 and other undecodable bodies
+            return _reply(request, 400, "invalid_json", BAD_JSON)
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
-        return JSONResponse(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail),
-                                       _request_id(request)), exc.status_code, getattr(exc, "headers", None))
+        return _reply(request, exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
+                      getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         mapped = to_api_error(exc)
         if mapped.status >= 500 and mapped.code == "internal_error":
             log.exception("unhandled error")
-        return JSONResponse(error_body(mapped.code, mapped.message, _request_id(request)), mapped.status,
-                            mapped.headers)
+        return _reply(request, mapped.status, mapped.code, mapped.message, mapped.headers)

@@ -32,8 +32,8 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: NonBlank = Field(description="The patient's question")
-    history: list[tuple[Text, Text]] = Field(default_factory=list, max_length=HARD_MAX_HISTORY,
-                                             description="Earlier [question, answer] pairs, oldest first")
+    history: list[tuple[Text, Text]] | None = Field(default_factory=list, max_length=HARD_MAX_HISTORY,
+                                                    description="Earlier [question, answer] pairs, oldest first")
     max_length: int | None = Field(None, ge=16, le=32768, description="Prompt + answer token cap (ChatGLM api.py)")
     max_new_tokens: int | None = max_new_tokens_field
     min_new_tokens: int = min_new_tokens_field
@@ -45,6 +45,34 @@ class ChatRequest(BaseModel):
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
     stream: bool = False
     use_knowledge: bool = True
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_request, queue_full")
+    message: str
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape of every endpoint."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given error statuses, all with the one error shape."""
+    meaning = {400: "Malformed JSON or bad UTF-8", 401: "Missing or wrong API key", 413: "Body too large",
+               422: "Invalid field", 429: "Queue full (see Retry-After)", 500: "Generation failed",
+               503: "Not ready or draining (see Retry-After)"}
+    return {code: {"model": ErrorResponse, "description": meaning.get(code, "Error")} for code in statuses}
+
+
+SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string"}}}
+CHAT_ERRORS = (400, 401, 413, 422, 429, 500, 503)
 
 
 class Usage(BaseModel):
@@ -113,6 +141,12 @@ class OpenAIMessage(BaseModel):
         return self.content or ""
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = False
+
+
 class ChatCompletionRequest(BaseModel):
     """OpenAI chat completions; fields that standard clients send but we do not use are ignored."""
 
@@ -120,15 +154,17 @@ class ChatCompletionRequest(BaseModel):
 
     model: str | None = Field(None, max_length=256)
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=2 * HARD_MAX_HISTORY + 2)
-    temperature: float = temperature_field
-    top_p: float = top_p_field
+    # Clients send null for "not set": null means the default.
+    temperature: float | None = temperature_field
+    top_p: float | None = top_p_field
     max_tokens: int | None = max_new_tokens_field
     max_completion_tokens: int | None = max_new_tokens_field
-    stop: StopString | list[StopString] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = seed_field
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    n: int | None = Field(1, ge=1, le=1, description="only 1 is supported")
     user: str | None = Field(None, max_length=256)
-    stream: bool = False
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
     # Extensions (vLLM-style names):
     top_k: int = top_k_field
     repetition_penalty: float = Field(1.0, ge=0.5, le=2.0)
@@ -138,5 +174,4 @@ class ChatCompletionRequest(BaseModel):
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        return stops[:MAX_STOP]
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)

@@ -125,3 +125,24 @@ def test_full_library_cached(shared_data: Path, tmp_path_factory: pytest.TempPat
     r = Retriever.load_or_build(shared_data / "diseases.jsonl", cache, progress=False)
     assert time.perf_counter() - start <= 1.0
     assert r.size == 8791 and r.search("尿频尿急尿痛").hits
+
+
+def test_complication_mentions_prior(tmp_path: Path) -> None:
+    """A disease that other documents list as a complication (by name or alias) outranks an equally
+    matching one that nobody mentions, even when its prevalence string is tiny."""
+    docs = [
+        {"id": "c1", "name": "甲鼻病", "aliases": ["甲病"], "symptoms": ["鼻塞", "流涕"], "prevalence": "0.001%"},
+        {"id": "c2", "name": "乙鼻病", "symptoms": ["鼻塞", "流涕"], "prevalence": "0.001%"},
+        {"id": "c3", "name": "丙病", "symptoms": ["头痛"], "complications": ["甲鼻病"]},
+        {"id": "c4", "name": "丁病", "symptoms": ["腹痛"], "complications": ["甲病", "甲鼻病"]},
+        {"id": "c5", "name": "戊病", "symptoms": ["乏力"], "complications": ["乙鼻病"]},
+        {"id": "c6", "name": "己病", "symptoms": ["咳嗽"], "complications": ["甲鼻病"]},
+        {"id": "c7", "name": "庚病", "symptoms": ["发热"], "complications": ["庚病"]},  # itself: not counted
+    ]
+    r = Retriever.load_or_build(write_library(tmp_path / "lib.jsonl", docs), tmp_path / "cache", progress=False)
+    mentions = dict(zip(r.index.meta.ids, r.index.meta.mentions.tolist(), strict=True))
+    assert mentions["c1"] == 3 and mentions["c2"] == 1 and mentions["c7"] == 0
+    assert [h.disease.id for h in r.search("鼻塞流涕", k=2).hits] == ["c1", "c2"]
+    flat = Retriever(r.index, SearchSettings(w_mentions=0.0))
+    scores = {h.disease.id: h.score for h in flat.search("鼻塞流涕", k=2).hits}
+    assert scores["c1"] == pytest.approx(scores["c2"])

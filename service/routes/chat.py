@@ -7,15 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from ..auth import require_api_key
-from ..conversation import ChatInput, ChatStart, audit_rejection, clock, run_chat, start_chat
+from ..conversation import ChatInput, ChatStart, clock, run_chat, start_chat
 from ..engine.types import ChatTurn, SamplingParams
-from ..errors import APIError, error_body
+from ..errors import APIError
 from ..runtime import Runtime
-from ..schemas import ChatRequest, ChatResponse
+from ..schemas import CHAT_ERRORS, SSE_CONTENT, ChatRequest, ChatResponse, error_responses
 from .deps import get_runtime, request_id
 
 router = APIRouter(tags=["chat"])
@@ -34,17 +33,16 @@ def to_input(body: ChatRequest, runtime: Runtime, route: str) -> ChatInput:
         seed=body.seed,
         stop=tuple(body.stop),
     )
-    history = [ChatTurn(user=q, assistant=a) for q, a in body.history]
+    history = [ChatTurn(user=q, assistant=a) for q, a in body.history or []]
     return ChatInput(question=body.prompt.strip(), history=history, params=params,
                      use_knowledge=body.use_knowledge, max_length=body.max_length, route=route)
 
 
-async def _start(runtime: Runtime, chat: ChatInput, rid: str, key: str) -> ChatStart:
-    try:
-        return await start_chat(runtime, chat, rid, key)
-    except APIError as exc:
-        audit_rejection(runtime, chat.route, rid, key, exc)
-        raise
+async def _start(runtime: Runtime, chat: ChatInput, request: Request, key: str) -> ChatStart:
+    """Start a chat; the request's state keeps it so the audit hook knows the request was accepted."""
+    start = await start_chat(runtime, chat, request_id(request), key)
+    request.state.chat = start
+    return start
 
 
 def sse_response(events: AsyncIterator[tuple[str, dict[str, Any]]]) -> EventSourceResponse:
@@ -79,17 +77,17 @@ async def collect(runtime: Runtime, start: ChatStart) -> tuple[str, dict[str, An
 
 
 @router.post("/chat", response_model=ChatResponse,
-             responses={401: {}, 413: {}, 422: {}, 429: {}, 503: {}},
+             responses={200: {"content": SSE_CONTENT}, **error_responses(*CHAT_ERRORS)},
              summary="Answer a patient's question (ChatGLM-6B api.py compatible; stream=true for SSE)")
 async def chat(body: ChatRequest, request: Request, runtime: Runtime = Depends(get_runtime),
                key: str = Depends(require_api_key)) -> Any:
     chat_input = to_input(body, runtime, "/chat")
-    start = await _start(runtime, chat_input, request_id(request), key)
+    start = await _start(runtime, chat_input, request, key)
     if body.stream:
         return sse_response(run_chat(runtime, start))
     text, done = await collect(runtime, start)
     answer = full_answer(start, text)
-    history = [*body.history, (body.prompt, answer)]
+    history = [*(body.history or []), (body.prompt, answer)]
     return ChatResponse(
         response=answer, history=history, status=200, time=clock(), id=start.id,
         references=start.designed.references, keywords=start.designed.keywords, usage=done["usage"],
@@ -97,13 +95,10 @@ async def chat(body: ChatRequest, request: Request, runtime: Runtime = Depends(g
     )
 
 
-@router.post("/chat/stream", responses={200: {"content": {"text/event-stream": {}}}, 401: {}, 422: {}, 429: {}},
+@router.post("/chat/stream", response_class=EventSourceResponse,
+             responses={200: {"content": SSE_CONTENT}, **error_responses(*CHAT_ERRORS)},
              summary="Stream an answer as server-sent events: meta, delta..., done (or error)")
 async def chat_stream(body: ChatRequest, request: Request, runtime: Runtime = Depends(get_runtime),
                       key: str = Depends(require_api_key)) -> EventSourceResponse:
-    start = await _start(runtime, to_input(body, runtime, "/chat/stream"), request_id(request), key)
+    start = await _start(runtime, to_input(body, runtime, "/chat/stream"), request, key)
     return sse_response(run_chat(runtime, start))
-
-
-def error_response(exc: APIError, rid: str) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.message, rid), exc.status, exc.headers)

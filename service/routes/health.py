@@ -19,7 +19,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {}})
+@router.get("/readyz", responses={503: {"description": "Not ready: loading, failed to load, or draining"}})
 async def readyz(runtime: Runtime = Depends(get_runtime)) -> Any:
     body: dict[str, Any] = {
         "ready": runtime.ready,
@@ -38,7 +38,9 @@ async def readyz(runtime: Runtime = Depends(get_runtime)) -> Any:
     return body
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}})
 async def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
     m = runtime.metrics
     if runtime.engine is not None:

@@ -19,9 +19,9 @@ from ..conversation import ChatInput, meta_event, run_chat
 from ..engine.types import ChatTurn, SamplingParams
 from ..errors import APIError
 from ..runtime import Runtime
-from ..schemas import ChatCompletionRequest
+from ..schemas import CHAT_ERRORS, SSE_CONTENT, ChatCompletionRequest, error_responses
 from .chat import SSE_PING_S, _start, collect, full_answer
-from .deps import get_runtime, request_id
+from .deps import get_runtime
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -45,8 +45,10 @@ def to_input(body: ChatCompletionRequest, runtime: Runtime) -> ChatInput:
             pending = None
     question = turns[-1].text().strip() if pending is None else f"{pending}\n{turns[-1].text().strip()}"
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_new_tokens
+    defaults = SamplingParams()
     params = SamplingParams(max_new_tokens=max_tokens, min_new_tokens=body.min_tokens,
-                            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                            temperature=0.7 if body.temperature is None else body.temperature,
+                            top_p=defaults.top_p if body.top_p is None else body.top_p, top_k=body.top_k,
                             repetition_penalty=body.repetition_penalty, seed=body.seed, stop=tuple(body.stop_list()))
     return ChatInput(question=question, history=history, params=params, use_knowledge=body.use_knowledge,
                      route="/v1/chat/completions")
@@ -56,15 +58,18 @@ def _finish(reason: str) -> str:
     return {"stop": "stop", "length": "length"}.get(reason, "stop")
 
 
-@router.post("/chat/completions", responses={401: {}, 413: {}, 422: {}, 429: {}, 503: {}})
+@router.post("/chat/completions", responses={200: {"content": SSE_CONTENT}, **error_responses(*CHAT_ERRORS)},
+             summary="OpenAI-compatible chat completion (stream=true for SSE chunks ending with [DONE])")
 async def chat_completions(body: ChatCompletionRequest, request: Request, runtime: Runtime = Depends(get_runtime),
                            key: str = Depends(require_api_key)) -> Any:
-    start = await _start(runtime, to_input(body, runtime), request_id(request), key)
+    start = await _start(runtime, to_input(body, runtime), request, key)
     model = body.model or runtime.settings.served_model_name
     created = int(time.time())
     completion_id = "chatcmpl-" + start.id.removeprefix("chat-")
     if body.stream:
-        return EventSourceResponse(_stream(runtime, start, model, created, completion_id), ping=SSE_PING_S,
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(_stream(runtime, start, model, created, completion_id, include_usage),
+                                   ping=SSE_PING_S,
                                    headers={"X-Accel-Buffering": "no"})
     text, done = await collect(runtime, start)
     return {
@@ -76,11 +81,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, runtim
     }
 
 
-async def _stream(runtime: Runtime, start: Any, model: str, created: int, cid: str) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+async def _stream(runtime: Runtime, start: Any, model: str, created: int, cid: str,
+                  include_usage: bool) -> AsyncIterator[dict[str, str]]:
+    """Chunks as OpenAI sends them; an error is an `error` event ({"error": {...}}); always ends with [DONE]."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, str]:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
-        return json.dumps(body, ensure_ascii=False)
+        return {"data": json.dumps(body, ensure_ascii=False)}
 
     async for name, payload in run_chat(runtime, start):
         if name == "meta":
@@ -93,15 +101,17 @@ async def _stream(runtime: Runtime, start: Any, model: str, created: int, cid: s
             notice = start.safety.get("notice")
             if notice:
                 yield chunk({"content": "\n\n" + notice})
-            yield chunk({}, _finish(payload["finish_reason"]), usage=payload["usage"],
-                        doctorglm={"finish_reason": payload["finish_reason"]})
+            yield chunk({}, _finish(payload["finish_reason"]), doctorglm={"finish_reason": payload["finish_reason"]})
+            if include_usage:
+                yield {"data": json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                           "model": model, "choices": [], "usage": payload["usage"]})}
         elif name == "error":
-            yield json.dumps({"error": payload}, ensure_ascii=False)
-            return
-    yield "[DONE]"
+            yield {"event": "error", "data": json.dumps({"error": payload["error"]}, ensure_ascii=False)}
+            break
+    yield {"data": "[DONE]"}
 
 
-@router.get("/models")
+@router.get("/models", responses=error_responses(401, 503))
 async def list_models(runtime: Runtime = Depends(get_runtime), key: str = Depends(require_api_key)) -> Any:
     return {"object": "list", "data": [{"id": runtime.settings.served_model_name, "object": "model",
                                         "created": int(runtime.started_at), "owned_by": "doctorglm"}]}
