@@ -59,7 +59,7 @@ def main() -> int:
     cpu_ms.sort()
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {
-        "what": "Triage.assess latency per request (question + history), eval + holdout sets",
+        "what": "Triage.assess latency per request (question + history), all packaged labelled sets",
         "rules_version": triage.version,
         "requests": len(ms),
         "distinct_complaints": len(cases),

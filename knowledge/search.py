@@ -105,6 +105,7 @@ class Retriever:
         # merged into one weighted posting list, so a query is one concatenate + one bincount.
         self._merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._coverage_cache: dict[str, tuple[np.ndarray, np.ndarray, float] | None] = {}
+        self._prior_cache: dict[tuple[bool, bool, str | None], np.ndarray] = {}
         self._match_texts: dict[int, dict[str, str]] = {}  # row -> normalised sections, for _hit
         self._symptom_entry = np.array([self._df("symptoms", normalise(strip_age(n))) >= self.settings.symptom_entry_df
                                         for n in m.names], dtype=bool)
@@ -235,6 +236,16 @@ class Retriever:
         qt = self.index.text.query_terms(query)
         return qt.terms + qt.subterms
 
+    def _all_priors(self, cues: PatientCues) -> np.ndarray:
+        """Priors of every document for one combination of patient cues (a handful exist), cached."""
+        key = (cues.child, cues.adult, cues.sex)
+        prior = self._prior_cache.get(key)
+        if prior is None:
+            prior = self._priors(np.arange(self.size), cues)
+            prior.setflags(write=False)
+            self._prior_cache[key] = prior
+        return prior
+
     def _priors(self, rows: np.ndarray, cues: PatientCues) -> np.ndarray:
         s, m = self.settings, self.index.meta
         prior = (s.w_prevalence * self._log_prev[rows] + s.w_mentions * self._log_mentions[rows]
@@ -324,9 +335,7 @@ class Retriever:
             if top > 0:
                 # Every document is scored (vectorised): a rare-word BM25 shortlist would drop the common
                 # disease before the priors could lift it.
-                everyone = np.arange(self.size)
-                final = (bm / top + s.w_coverage * self._coverage(weights)
-                         + self._priors(everyone, cues))
+                final = bm / top + s.w_coverage * self._coverage(weights) + self._all_priors(cues)
                 final[bm <= 0] = -np.inf
                 rows = _top(final, s.rerank_depth)
                 rows = rows[np.isfinite(final[rows])]

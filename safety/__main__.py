@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from safety.evaluate import DEFAULT_SETS, evaluate, format_report, load_cases
+from safety.evaluate import EVAL_SETS, EvalSet, evaluate, format_report, load_cases
 from safety.triage import Triage
 
 
@@ -14,7 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m safety", description="Clinical red-flag triage tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", help="recall / false-alarm rate of the rules on labelled sets")
-    ev.add_argument("--data", type=Path, action="append", help="JSONL set (repeatable); default: eval + holdout")
+    ev.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        help="JSONL set (repeatable); default: every packaged set, tuned and blind",
+    )
     ev.add_argument("--rules", type=Path, default=None, help="rule file (default: packaged red_flags.json)")
     check = sub.add_parser("check", help="assess one complaint and print the result")
     check.add_argument("text")
@@ -35,14 +40,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print(f"rules version {triage.version}: {len(triage.rule_ids)} rules")
-    for path in args.data or [p for p in DEFAULT_SETS if p.is_file()]:
+    print("TUNED sets: the rules were adjusted on their misses, so their scores are optimistic.")
+    print("BLIND sets: never tuned on; the honest estimate for complaints nobody has seen.")
+    sets = [EvalSet(p, "custom") for p in args.data] if args.data else [s for s in EVAL_SETS if s.path.is_file()]
+    summary: list[str] = []
+    for es in sets:
         try:
-            cases = load_cases(path)
+            cases = load_cases(es.path)
         except (OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        label = f"[{es.kind.upper()}] {es.path.name}"
+        report = evaluate(triage, cases, name=label + (f" ({es.note})" if es.note else ""))
         print()
-        print(format_report(evaluate(triage, cases, name=path.name), triage.rule_ids))
+        print(format_report(report, triage.rule_ids))
+        summary.append(
+            f"  {label:<34} recall {report.recall:6.1%} ({report.true_pos}/{report.positives})"
+            f"   false alarms {report.false_alarm_rate:6.1%} ({report.false_pos}/{report.negatives})"
+        )
+    print()
+    print("summary:")
+    print("\n".join(summary))
     return 0
 
 

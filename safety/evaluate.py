@@ -15,7 +15,39 @@ from pathlib import Path
 from safety.triage import Triage
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-DEFAULT_SETS = (DATA_DIR / "triage_eval.jsonl", DATA_DIR / "triage_holdout.jsonl")
+
+
+@dataclass(frozen=True, slots=True)
+class EvalSet:
+    """A labelled set and whether the rules have been tuned on it.
+
+    A set is "blind" until someone changes the rules after reading its misses; from then on it is
+    "tuned" and its score says little about unseen complaints. ``note`` keeps the set's first
+    blind score, the honest estimate it gave at the time.
+    """
+
+    path: Path
+    kind: str  # "tuned" | "blind"
+    note: str = ""
+
+
+EVAL_SETS = (
+    EvalSet(DATA_DIR / "triage_eval.jsonl", "tuned", "development set the rules were written against"),
+    EvalSet(DATA_DIR / "triage_holdout.jsonl", "tuned", "blind once, then tuned on its misses"),
+    EvalSet(
+        DATA_DIR / "triage_probe3.jsonl",
+        "tuned",
+        "first run blind (rules 2025.06-1): recall 81.4%, false alarms 0.0%; then used to broaden rules",
+    ),
+    EvalSet(
+        DATA_DIR / "triage_probe4.jsonl",
+        "tuned",
+        "first run blind (rules 2025.06-2): recall 58.1%, false alarms 6.2%; then used to broaden rules",
+    ),
+    EvalSet(DATA_DIR / "triage_probe5.jsonl", "blind", "written after rules 2025.06-3; never tuned on"),
+)
+# Tuned sets first (eval, holdout), as before; then the probes.
+DEFAULT_SETS = tuple(s.path for s in EVAL_SETS)
 
 
 @dataclass(frozen=True, slots=True)

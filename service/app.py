@@ -7,9 +7,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 
 from .conversation import audit_request
@@ -62,6 +64,15 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     for router in (chat.router, openai_compat.router, knowledge.router, health.router):
         app.include_router(router)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = publish_limits(get_openapi(title=app.title, version=app.version,
+                                                            description=app.description, routes=app.routes),
+                                                settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.get("/", include_in_schema=False)
     async def page() -> object:
         index = STATIC_DIR / "index.html"
@@ -70,6 +81,27 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         return JSONResponse({"service": "doctorglm", "docs": "/docs"})
 
     return app
+
+
+def publish_limits(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Put this deployment's limits (settings) into /openapi.json in place of the hard ceilings, so the
+    published schema says what the server accepts."""
+    limits = {
+        ("ChatRequest", "prompt"): ("maxLength", settings.max_input_chars),
+        ("ChatRequest", "history"): ("maxItems", settings.max_history_turns),
+        ("ChatRequest", "max_new_tokens"): ("maximum", settings.max_new_tokens),
+        ("ChatCompletionRequest", "max_tokens"): ("maximum", settings.max_new_tokens),
+        ("ChatCompletionRequest", "max_completion_tokens"): ("maximum", settings.max_new_tokens),
+    }
+    models = schema.get("components", {}).get("schemas", {})
+    for (model, field), (keyword, value) in limits.items():
+        prop = models.get(model, {}).get("properties", {}).get(field)
+        if prop is None:
+            continue
+        for part in [prop, *prop.get("anyOf", [])]:
+            if keyword in part:
+                part[keyword] = min(part[keyword], value)
+    return schema
 
 
 def _load(runtime: Runtime, progress: bool) -> None:

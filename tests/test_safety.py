@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from safety import DEFAULT_RULES_PATH, SafetyAssessment, Triage, detect_language
-from safety.evaluate import DEFAULT_SETS, evaluate, load_cases
+from safety.evaluate import DEFAULT_SETS, EVAL_SETS, evaluate, load_cases
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -284,6 +284,7 @@ def test_cli_eval_reports_both_sets() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "triage_eval.jsonl" in proc.stdout and "triage_holdout.jsonl" in proc.stdout
+    assert "[TUNED]" in proc.stdout and "[BLIND]" in proc.stdout and "summary:" in proc.stdout
     assert "recall" in proc.stdout and "false-alarm rate" in proc.stdout
 
 
@@ -304,3 +305,85 @@ def test_turn_cache_does_not_change_results(triage: Triage) -> None:
     uncached = Triage.from_file(cache_size=0)
     for case in load_cases(DEFAULT_SETS[0])[:60]:
         assert triage.assess(case.text, case.history) == uncached.assess(case.text, case.history)
+
+
+# -- blind probes and generalisation ------------------------------------------------------------
+
+
+def _set(name: str) -> list:
+    (es,) = [e for e in EVAL_SETS if e.path.name == name]
+    return load_cases(es.path)
+
+
+def test_probe_sets_shape(triage: Triage) -> None:
+    probe3 = _set("triage_probe3.jsonl")
+    assert sum(c.emergency for c in probe3) >= 50 and sum(not c.emergency for c in probe3) >= 30
+    assert {c.rule for c in probe3 if c.emergency} == set(triage.rule_ids)
+    assert {c.lang for c in probe3} == {"zh", "en"}
+    for name in ("triage_probe4.jsonl", "triage_probe5.jsonl"):
+        cases = _set(name)
+        assert len(cases) >= 30 and {c.lang for c in cases} == {"zh", "en"}
+
+
+def test_eval_sets_are_disjoint() -> None:
+    seen: set[str] = set()
+    for es in EVAL_SETS:
+        texts = {c.text for c in load_cases(es.path)}
+        assert not seen & texts, f"{es.path.name} repeats complaints of another set"
+        seen |= texts
+
+
+def test_every_set_keeps_false_alarms_within_goal(triage: Triage) -> None:
+    for es in EVAL_SETS:
+        report = evaluate(triage, load_cases(es.path))
+        assert report.false_alarm_rate <= 0.10, es.path.name
+        if es.kind == "tuned":  # blind sets are reported, never asserted (that would invite tuning)
+            assert report.recall >= 0.95, es.path.name
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "心窝绞着疼，满头大汗",
+        "心口压得慌，出冷汗",
+        "tight chest and I can't catch my breath",
+        "my dad is clutching his chest and sweating",
+        "孩子嘴唇发乌，喘不上气",
+        "外公说话大舌头，口齿不清",
+        "奶奶半边身子不听使唤",
+        "喊他不答应，倒地不起",
+        "四肢一抽一抽，口吐白沫",
+        "my daughter is having a fit",
+        "活着一点意思都没有，想从楼上跳下去",
+        "I don't want to be here anymore",
+        "孩子把降糖药当糖吃了",
+        "my 2yo chewed some of grandma's pills",
+        "怀孕30周，一直没感觉到宝宝动",
+        "I'm pregnant and haven't felt the baby kick today",
+        "新生儿出生十天，摸着很烫",
+        "开水把孩子半个身子都烫了",
+    ],
+)
+def test_broadened_phrase_families_fire(triage: Triage, text: str) -> None:
+    assert triage.assess(text).is_emergency
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "不想活得这么累，想换个工作",
+        "他一边走路一边说腿没劲，是缺钙吗",
+        "跑步后出了一身汗，胸口有点闷，休息就好了",
+        "my husband snores and sometimes seems to stop breathing at night, is that sleep apnea?",
+        "头发烫坏了，头皮有点疼",
+        "医生开了一堆药，怎么吃",
+        "冬天手指冻得发紫",
+        "I've been shaking all over with chills and a fever of 38",
+        "I have fits of coughing at night",
+        "I don't feel the baby is getting enough milk",
+        "宝宝2个月，体温36.8，正常吗",
+        "the rash doesn't respond to the cream",
+    ],
+)
+def test_broadened_terms_do_not_fire_on_lookalikes(triage: Triage, text: str) -> None:
+    assert not triage.assess(text).is_emergency

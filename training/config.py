@@ -53,8 +53,7 @@ class TrainConfig:
     brief_chars: int = 600
     knowledge_path: str | None = None  # library for --with-brief (default: the service's default library)
     # evaluation, probe, stopping
-    eval_every: int = 50
-    probe_every: int = 50
+    eval_every: int = 50  # validation loss + collapse probe every N optimizer steps (and at step 0 and the end)
     probe_max_new_tokens: int = 48
     max_val_examples: int = 200
     stop_on_collapse: bool = True  # False: record collapse in the metrics but keep training (demo pretrain)

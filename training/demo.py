@@ -113,17 +113,18 @@ def run_demo(budget_s: float = 540, data_dir: Path | None = None, out_dir: Path 
     print(f"[demo] tokenizer + random tiny GLM built in {time.perf_counter() - started:.0f}s")
 
     left = budget_s - (time.perf_counter() - started)
-    pre_cfg = TrainConfig(method="full", optimizer="adamw", lr=2e-3, batch_size=16, epochs=3, warmup_steps=30,
-                          lr_schedule="cosine", max_len=256, max_target=160, weight_decay=0.01,
-                          max_seconds=left * 0.72, eval_every=150, probe_every=150, stop_on_collapse=False,
-                          max_val_examples=160, seed=0)
-    pre = Trainer(pre_cfg, base, run_dir / "pretrain").run(everything.train, everything.val[:160])
+    # Evaluations count against the time budget: keep them small (64 val examples, 32-token probe answers).
+    pre_cfg = TrainConfig(method="full", optimizer="adamw", lr=2e-3, batch_size=16, epochs=3, warmup_steps=20,
+                          lr_schedule="cosine", max_len=192, max_target=128, weight_decay=0.01,
+                          max_seconds=left * 0.7, eval_every=100, stop_on_collapse=False,
+                          max_val_examples=64, probe_max_new_tokens=32, seed=0)
+    pre = Trainer(pre_cfg, base, run_dir / "pretrain").run(everything.train, everything.val)
     print(f"[demo] pretrain: {pre.steps} steps in {pre.seconds:.0f}s, best val loss {pre.best_val_loss:.3f}")
 
     left = budget_s - (time.perf_counter() - started)
-    lora_cfg = TrainConfig(lr=1e-4, max_seconds=max(30.0, left - 25), epochs=1, eval_every=60, probe_every=60,
-                           with_brief=0.5, max_val_examples=120, seed=1)
-    lora = Trainer(lora_cfg, pre.best_dir or base, run_dir / "lora").run(doctor, doctor_val[:120])
+    lora_cfg = TrainConfig(lr=1e-4, max_seconds=max(30.0, left - 60), epochs=1, eval_every=40,
+                           with_brief=0.5, max_val_examples=64, probe_max_new_tokens=32, seed=1)
+    lora = Trainer(lora_cfg, pre.best_dir or base, run_dir / "lora").run(doctor, doctor_val)
     print(f"[demo] LoRA: {lora.steps} steps in {lora.seconds:.0f}s, best val loss {lora.best_val_loss:.3f} "
           f"({lora.stopped})")
 

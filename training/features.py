@@ -98,7 +98,7 @@ def encode_all(tokenizer: Any, examples: list[Example], max_len: int, max_target
 
     rng = random.Random(seed)
     out = []
-    for ex in tqdm(examples, desc="encoding", unit="ex", disable=not progress, leave=False):
+    for ex in tqdm(examples, desc="encoding", unit="ex", disable=not progress, leave=False, mininterval=2):
         text = brief(ex.question) if brief is not None and with_brief > 0 and rng.random() < with_brief else ""
         out.append(encode(tokenizer, ex, max_len, max_target, text))
     return out
