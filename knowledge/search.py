@@ -23,7 +23,16 @@ import numpy as np
 from knowledge.evaluate import strip_age
 from knowledge.index import IndexSettings, LibraryIndex
 from knowledge.schema import Disease
-from knowledge.text import PatientCues, QueryTerms, decayed, lay_terms, normalise, patient_cues
+from knowledge.text import (
+    PatientCues,
+    QueryTerms,
+    clinical_rewrite,
+    decayed,
+    is_content,
+    lay_terms,
+    normalise,
+    patient_cues,
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class SearchSettings:
     rerank_depth: int = 50
     w_prevalence: float = 0.3  # per decade of prevalence (percent, log10)
     w_mentions: float = 0.25  # per log1p(other documents listing the disease as a complication)
+    prevalence_cap: float = 100.0  # percent; "90%" prevalences in scraped libraries are noise, not fact
     default_prevalence: float = 0.005  # the library's median, for documents without one
     w_child_match: float = 0.5  # dxy_dev half a: 0.3 -> 0.5 lifted top-1 27.5% -> 30.8%
     w_child_mismatch: float = 0.12
@@ -50,6 +60,10 @@ class SearchSettings:
     w_overlap: float = 0.0  # off: with the coverage term it only added noise on dxy_dev half a
     w_symptom_entry: float = 0.6  # entries named after a symptom (发烧, 咳嗽) explain nothing
     symptom_entry_df: int = 100  # ...when at least this many documents list that name as a symptom
+    scan_weight: float = 0.5  # library symptom words found inside the (rewritten) complaint text
+    scan_min_df: int = 2  # ...when at least this many symptom lists use the word
+    scan_max_len: int = 6
+    w_single: float = 0.2  # penalty for a document that explains one of the patient's >= 2 symptoms only
     w_coverage: float = 0.5  # share of the patient's symptom words the document mentions
     coverage_symptom_share: float = 0.6  # a symptom-list mention counts this much, prose the rest
     # Score gap top-1 minus top-2. dxy_dev half a: top-1 precision 33% overall, 42% at gap>=0.2 (34% of
@@ -96,7 +110,7 @@ class Retriever:
         self.settings = settings or SearchSettings()
         m = index.meta
         prev = np.where(np.isnan(m.prevalence), self.settings.default_prevalence, m.prevalence)
-        self._log_prev = np.log10(np.clip(prev, 1e-4, 100.0))
+        self._log_prev = np.log10(np.clip(prev, 1e-4, self.settings.prevalence_cap))
         self._log_mentions = np.log1p(m.mentions.astype(float))
         self._sym_len = np.array([max(len(s), 1) for s in m.symptoms], dtype=float)
         self._user_words = set(index.text.user_words)
@@ -107,6 +121,8 @@ class Retriever:
         self._coverage_cache: dict[str, tuple[np.ndarray, np.ndarray, float] | None] = {}
         self._prior_cache: dict[tuple[bool, bool, str | None], np.ndarray] = {}
         self._match_texts: dict[int, dict[str, str]] = {}  # row -> normalised sections, for _hit
+        self._scan_vocab: frozenset[str] | None = None
+        self._scan_firsts: frozenset[str] = frozenset()
         self._symptom_entry = np.array([self._df("symptoms", normalise(strip_age(n))) >= self.settings.symptom_entry_df
                                         for n in m.names], dtype=bool)
 
@@ -154,6 +170,38 @@ class Retriever:
     def get(self, disease_id: str) -> Disease:
         return self.index.doc(self.index.row(disease_id))
 
+    def _symptom_vocab(self) -> frozenset[str]:
+        """The library's symptom vocabulary: words at least `scan_min_df` symptom lists use."""
+        if self._scan_vocab is None:
+            s, model = self.settings, self.index.fields["symptoms"]
+            ip = model.scores["indptr"]
+            self._scan_vocab = frozenset(
+                t for t, i in model.vocab_dict.items()
+                if 2 <= len(t) <= s.scan_max_len and ip[i + 1] - ip[i] >= s.scan_min_df and is_content(t))
+            self._scan_firsts = frozenset(t[0] for t in self._scan_vocab)
+        return self._scan_vocab
+
+    def scan_symptoms(self, text: str, negated: Sequence[str] = ()) -> list[str]:
+        """Library symptom words contained in the complaint, as written and with everyday body-part
+        and pain words made clinical (流清鼻涕 -> 鼻涕, 胸口剧痛 -> 胸痛, 脚底有红点 -> 足底, 皮疹), so a
+        compound or lay phrase that the tokenizer splits still reaches the symptom lists. Negated
+        words are blanked first."""
+        vocab, top = self._symptom_vocab(), self.settings.scan_max_len
+        firsts = self._scan_firsts
+        text = normalise(text)
+        for t in sorted(negated, key=len, reverse=True):
+            text = text.replace(t, "|")
+        found: dict[str, None] = {}
+        for variant in (text, clinical_rewrite(text)):
+            n = len(variant)
+            for i in range(n - 1):
+                if variant[i] not in firsts:
+                    continue
+                for j in range(i + 2, min(i + top, n) + 1):
+                    if variant[i:j] in vocab:
+                        found[variant[i:j]] = None
+        return list(found)
+
     # -- query side -------------------------------------------------------------------------------
     def _weighted_terms(self, query: str, history: Sequence[str]) -> tuple[Counter[str], QueryTerms]:
         s = self.settings
@@ -172,6 +220,9 @@ class Retriever:
                         weights[term] += tw
                     for clinical in lay.get(term, ()):
                         weights[clinical] = max(weights[clinical], tw * s.lay_weight)
+            if s.scan_weight:
+                for term in self.scan_symptoms(text, qt.negated):
+                    weights[term] = max(weights[term], w * s.scan_weight)
             for term in qt.negated:
                 if is_now:
                     for t in (term, *lay_terms().get(term, ())):
@@ -269,11 +320,12 @@ class Retriever:
         ip = model.scores["indptr"]
         return model.scores["indices"][ip[tid]:ip[tid + 1]]
 
-    def _coverage(self, weights: dict[str, float]) -> np.ndarray:
-        """Weighted share of the patient's symptom words found in each document (symptom list, prose).
+    def _coverage(self, weights: dict[str, float]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Weighted share of the patient's symptom words found in each document (symptom list, prose),
+        the number of those words each document mentions, and how many the patient used.
         Unlike BM25 it does not reward one word repeated or short documents: a disease that explains
         all the complaints beats one that matches one complaint many times."""
-        idx, vals = [], []
+        idx, vals, hit_rows = [], [], []
         total = 0.0
         for term, w in weights.items():
             cached = self._coverage_postings(term)
@@ -283,9 +335,11 @@ class Retriever:
             total += w * idf
             idx.append(rows)
             vals.append(unit * (w * idf))
+            hit_rows.append(np.unique(rows))
         if not idx:
-            return np.zeros(self.size)
-        return np.bincount(np.concatenate(idx), weights=np.concatenate(vals), minlength=self.size) / total
+            return np.zeros(self.size), np.zeros(self.size), 0
+        cov = np.bincount(np.concatenate(idx), weights=np.concatenate(vals), minlength=self.size) / total
+        return cov, np.bincount(np.concatenate(hit_rows), minlength=self.size), len(hit_rows)
 
     def _coverage_postings(self, term: str) -> tuple[np.ndarray, np.ndarray, float] | None:
         """(rows, share per row, idf) of a symptom word, cached; None for a word no symptom list has."""
@@ -335,7 +389,10 @@ class Retriever:
             if top > 0:
                 # Every document is scored (vectorised): a rare-word BM25 shortlist would drop the common
                 # disease before the priors could lift it.
-                final = bm / top + s.w_coverage * self._coverage(weights) + self._all_priors(cues)
+                cov, n_hit, n_query = self._coverage(weights)
+                final = bm / top + s.w_coverage * cov + self._all_priors(cues)
+                if s.w_single and n_query >= 2:
+                    final -= s.w_single * (n_hit <= 1)
                 final[bm <= 0] = -np.inf
                 rows = _top(final, s.rerank_depth)
                 rows = rows[np.isfinite(final[rows])]

@@ -61,6 +61,34 @@ def lay_terms() -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in raw.items() if not k.startswith("_")}
 
 
+@lru_cache(maxsize=1)
+def body_parts() -> dict[str, tuple[tuple[str, str], ...]]:
+    """Everyday body-part / pain words -> clinical morphemes, by first character, longest first."""
+    raw = json.loads((DATA_DIR / "body_parts.json").read_text(encoding="utf-8"))
+    by_first: dict[str, list[tuple[str, str]]] = {}
+    for k, v in raw.items():
+        if not k.startswith("_"):
+            by_first.setdefault(k[0], []).append((k, v))
+    return {c: tuple(sorted(p, key=lambda kv: -len(kv[0]))) for c, p in by_first.items()}
+
+
+def clinical_rewrite(text: str) -> str:
+    """The complaint with everyday body-part and pain words replaced by clinical ones, in one
+    left-to-right pass (嗓子疼 -> 咽痛, 胸口剧痛 -> 胸痛, 手心脚底 -> 手掌足底)."""
+    pairs = body_parts()
+    out, i, n = [], 0, len(text)
+    while i < n:
+        for k, v in pairs.get(text[i], ()):
+            if text.startswith(k, i):
+                out.append(v)
+                i += len(k)
+                break
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 # Full-width forms U+FF01..U+FF5E -> ASCII, except the Chinese punctuation the tokenizer relies on.
 _FULL_WIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F) if chr(c) not in "，。！？；：（）"}
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from safety.evaluate import EVAL_SETS, EvalSet, evaluate, format_report, load_cases
+from safety.evaluate import EVAL_SETS, EvalSet, Report, evaluate, format_report, load_cases
 from safety.triage import Triage
 
 
@@ -24,10 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="assess one complaint and print the result")
     check.add_argument("text")
     check.add_argument("--rules", type=Path, default=None)
+    sub.add_parser("train-backstop", help="train the learned backstop on the tuned sets (writes its weights file)")
     args = parser.parse_args(argv)
+
+    if args.command == "train-backstop":
+        from safety.train_backstop import train
+
+        train()
+        return 0
 
     try:
         triage = Triage.from_file(args.rules)
+        rules_only = Triage.from_file(args.rules, backstop=False)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -40,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print(f"rules version {triage.version}: {len(triage.rule_ids)} rules")
+    bs = triage.backstop
+    print(
+        f"learned backstop {bs.version} (threshold {bs.threshold:.3f}, rule id 'backstop'): details below are rules+backstop"
+        if bs is not None
+        else "learned backstop: disabled"
+    )
     print("TUNED sets: the rules were adjusted on their misses, so their scores are optimistic.")
     print("BLIND sets: never tuned on; the honest estimate for complaints nobody has seen.")
     sets = [EvalSet(p, "custom") for p in args.data] if args.data else [s for s in EVAL_SETS if s.path.is_file()]
@@ -54,14 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(triage, cases, name=label + (f" ({es.note})" if es.note else ""))
         print()
         print(format_report(report, triage.rule_ids))
-        summary.append(
-            f"  {label:<34} recall {report.recall:6.1%} ({report.true_pos}/{report.positives})"
-            f"   false alarms {report.false_alarm_rate:6.1%} ({report.false_pos}/{report.negatives})"
-        )
+        base = evaluate(rules_only, cases) if bs is not None else report
+        summary.append(f"  {label:<34} {_cell(base)}   {_cell(report) if bs is not None else ''}")
     print()
-    print("summary:")
+    print("summary:" + (" rules only | rules+backstop" if bs is not None else " rules only"))
     print("\n".join(summary))
     return 0
+
+
+def _cell(r: Report) -> str:
+    return (
+        f"recall {r.recall:6.1%} ({r.true_pos}/{r.positives}) "
+        f"false alarms {r.false_alarm_rate:6.1%} ({r.false_pos}/{r.negatives})"
+    )
 
 
 if __name__ == "__main__":

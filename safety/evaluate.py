@@ -45,6 +45,11 @@ EVAL_SETS = (
         "first run blind (rules 2025.06-2): recall 58.1%, false alarms 6.2%; then used to broaden rules",
     ),
     EvalSet(DATA_DIR / "triage_probe5.jsonl", "blind", "written after rules 2025.06-3; never tuned on"),
+    EvalSet(
+        DATA_DIR / "triage_probe6.jsonl",
+        "blind",
+        "written after rules 2025.06-3, before the learned backstop existed; never tuned on",
+    ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.
 DEFAULT_SETS = tuple(s.path for s in EVAL_SETS)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,24 @@ class RuleSet:
     negation_window: int
     prompt_note: Mapping[str, str]
     source: str
+    # Advice when only the learned backstop flags a request (no specific rule fired).
+    general_emergency: GeneralAdvice = field(default_factory=lambda: DEFAULT_GENERAL)
+
+
+@dataclass(frozen=True, slots=True)
+class GeneralAdvice:
+    description: Mapping[str, str]
+    advice: Mapping[str, str]
+
+
+DEFAULT_GENERAL = GeneralAdvice(
+    description={"zh": "可能的急症（描述提示危险信号）", "en": "a possible emergency (warning signs in the description)"},
+    advice={
+        "zh": "您描述的情况可能是急症：请立即拨打120或马上到最近的急诊就诊，不要等待观察。",
+        "en": "What you describe may be an emergency: call emergency services or go to the nearest emergency "
+        "department now; do not wait to see if it passes.",
+    },
+)
 
 
 def load_ruleset(path: Path) -> RuleSet:
@@ -203,6 +221,16 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
         if "{conditions}" not in text:
             raise fail(f"prompt_note.{lang} must contain the {{conditions}} placeholder")
 
+    general = DEFAULT_GENERAL
+    if "general_emergency" in data:
+        ge = data["general_emergency"]
+        if not isinstance(ge, dict):
+            raise fail('"general_emergency" must be an object with "description" and "advice"')
+        general = GeneralAdvice(
+            description=_texts(ge.get("description"), "general_emergency: description", fail),
+            advice=_texts(ge.get("advice"), "general_emergency: advice", fail),
+        )
+
     return RuleSet(
         version=version.strip(),
         concepts=tuple(concepts),
@@ -211,6 +239,7 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
         negation_window=window,
         prompt_note=note,
         source=source,
+        general_emergency=general,
     )
 
 

@@ -31,6 +31,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from safety.backstop import (
+    BACKSTOP_ENABLED_BY_DEFAULT,
+    BACKSTOP_RULE_ID,
+    DEFAULT_BACKSTOP_PATH,
+    Backstop,
+    Mention,
+    TurnScan,
+    load_backstop,
+    request_features,
+    turn_features,
+)
 from safety.language import Language, detect_language
 from safety.rules import Concept, RuleSet, load_ruleset
 
@@ -80,30 +91,40 @@ class _Clause:
     sep_before: str  # the separator that opened this clause ("" for the first one)
 
 
-@dataclass(frozen=True, slots=True)
-class Mention:
-    """One concept term found in a turn; ``affirmed`` is False when it is negated."""
-
-    start: int
-    end: int
-    concept: str
-    affirmed: bool
-
-
 class Triage:
     """Red-flag rules loaded from a (hospital-editable) JSON file."""
 
-    def __init__(self, ruleset: RuleSet, cache_size: int = 4096) -> None:
+    def __init__(self, ruleset: RuleSet, cache_size: int = 4096, backstop: Backstop | None = None) -> None:
         self._rs = ruleset
         self._mods = ruleset.modifiers
         # A conversation re-sends its earlier turns with every request: caching the (pure) per-turn
         # scan makes history nearly free. cache_size=0 disables it (the benchmark does).
         self._scan = lru_cache(maxsize=cache_size)(self._scan_turn) if cache_size > 0 else self._scan_turn
+        self._backstop = backstop
 
     @classmethod
-    def from_file(cls, path: Path | str | None = None, cache_size: int = 4096) -> Triage:
-        """Load rules from ``path`` (default: the packaged red_flags.json); ValueError if malformed."""
-        return cls(load_ruleset(Path(path) if path is not None else DEFAULT_RULES_PATH), cache_size=cache_size)
+    def from_file(
+        cls,
+        path: Path | str | None = None,
+        cache_size: int = 4096,
+        backstop: Path | str | bool | None = None,
+    ) -> Triage:
+        """Load rules from ``path`` (default: the packaged red_flags.json); ValueError if malformed.
+
+        ``backstop``: None = the packaged learned backstop if ``BACKSTOP_ENABLED_BY_DEFAULT``,
+        True = the packaged one, False = rules only, a path = that weights file.
+        """
+        ruleset = load_ruleset(Path(path) if path is not None else DEFAULT_RULES_PATH)
+        if backstop is None:
+            backstop = BACKSTOP_ENABLED_BY_DEFAULT
+        model = None
+        if backstop is not False:
+            model = load_backstop(DEFAULT_BACKSTOP_PATH if backstop is True else Path(backstop))
+        return cls(ruleset, cache_size=cache_size, backstop=model)
+
+    @property
+    def backstop(self) -> Backstop | None:
+        return self._backstop
 
     @property
     def version(self) -> str:
@@ -116,13 +137,24 @@ class Triage:
     def assess(self, question: str, history: Sequence[str] = ()) -> SafetyAssessment:
         """Assess the question plus earlier *patient* turns (oldest first)."""
         state: dict[str, bool] = {}
-        for turn in (*history, question):
-            for mention in self._scan(turn):
+        turns = [self._scan(turn) for turn in (*history, question)]
+        for scan in turns:
+            for mention in scan.mentions:
                 state[mention.concept] = mention.affirmed
         present = {name for name, affirmed in state.items() if affirmed}
         lang = detect_language(question if question.strip() else " ".join(history))
         fired = [r for r in self._rs.rules if r.matches(present)] if present else []
         if not fired:
+            bs = self._backstop
+            if bs is not None and bs.probability(request_features(turns, state)) >= bs.threshold:
+                ge = self._rs.general_emergency
+                return SafetyAssessment(
+                    level="emergency",
+                    rule_ids=[BACKSTOP_RULE_ID],
+                    advice=ge.advice[lang],
+                    prompt_note=self._rs.prompt_note[lang].format(conditions=ge.description[lang]),
+                    lang=lang,
+                )
             return SafetyAssessment(level="none", lang=lang)
         advice = "\n".join(dict.fromkeys(r.advice[lang] for r in fired))
         sep = "、" if lang == "zh" else "; "
@@ -139,10 +171,57 @@ class Triage:
 
     def mentions(self, text: str) -> list[Mention]:
         """All concept mentions in one turn, in text order, with negation applied."""
-        return list(self._scan(text))
+        return list(self._scan(text).mentions)
 
-    def _scan_turn(self, text: str) -> tuple[Mention, ...]:
+    def features(self, question: str, history: Sequence[str] = ()) -> frozenset[str]:
+        """The backstop's features of a request (n-grams with negation marks, concept states)."""
+        state: dict[str, bool] = {}
+        turns = [self._scan_turn(turn, with_features=True) for turn in (*history, question)]
+        for scan in turns:
+            for mention in scan.mentions:
+                state[mention.concept] = mention.affirmed
+        return request_features(turns, state)
+
+    def _scan_turn(self, text: str, with_features: bool = False) -> TurnScan:
         s = _normalise(text)
+        mentions, masked = self._find_mentions(s)
+        feats: frozenset[str] = frozenset()
+        if with_features or self._backstop is not None:
+            feats = turn_features(s, self._negation_scope(s, masked, mentions))
+        return TurnScan(mentions, feats)
+
+    def _negation_scope(self, s: str, masked: str, mentions: tuple[Mention, ...]) -> bytearray:
+        """1 for every character inside a negation scope (same cues, window and breaks as the rules)."""
+        m = self._mods
+        flags = bytearray(len(s))
+        for mention in mentions:
+            if not mention.affirmed:
+                flags[mention.start : mention.end] = b"\x01" * (mention.end - mention.start)
+        if m.negation.search(s) is None and m.negation_adjacent.search(s) is None:
+            return flags
+        window = self._rs.negation_window
+        for clause in _split(s, _NEG_SEP):
+            seg = m.pseudo_negation.sub(lambda x: _MASK * len(x.group()), masked[clause.start : clause.end])
+            blank = m.conjunction.sub(lambda x: " " * len(x.group()), seg.replace(_MASK, " "))
+            breaks = [b.start() for b in m.scope_break.finditer(seg)]
+            for cue in m.negation.finditer(seg):
+                stop = next((b for b in breaks if b >= cue.end()), len(seg))
+                for k, unit in enumerate(_UNITS.finditer(blank, cue.end(), stop)):
+                    if k == window:
+                        stop = unit.start()
+                        break
+                a, b = clause.start + cue.end(), clause.start + stop
+                flags[a:b] = b"\x01" * (b - a)
+            for cue in m.negation_adjacent.finditer(seg):
+                # 不 governs the word right after it: two CJK characters (不醒 / 不出来) or one Latin word.
+                unit = _UNITS.match(seg, cue.end())
+                if unit is not None:
+                    a = clause.start + cue.end()
+                    b = clause.start + min(unit.end() + (len(unit.group()) == 1), len(seg))
+                    flags[a:b] = b"\x01" * (b - a)
+        return flags
+
+    def _find_mentions(self, s: str) -> tuple[tuple[Mention, ...], str]:
         found: list[tuple[int, int, Concept]] = []
         has_cjk = _HAS_CJK.search(s) is not None
         has_latin = _HAS_LATIN.search(s) is not None
@@ -162,7 +241,7 @@ class Triage:
                     end += 1
                 found.append((m.start(), end, concept))
         if not found:
-            return ()
+            return (), s
         found.sort(key=lambda f: (f[0], f[1]))
 
         chars = list(s)
@@ -186,7 +265,7 @@ class Triage:
             ni = bisect_right(neg_starts, start) - 1
             negated = self._negated(s, masked, start, end, neg_clauses, ni)
             out.append(Mention(start, end, concept.name, not negated))
-        return tuple(out)
+        return tuple(out), masked
 
     def _ignored(self, s: str, start: int, end: int, concept: Concept, clause: _Clause, sentence: _Clause) -> bool:
         m = self._mods

@@ -71,7 +71,10 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": meaning.get(code, "Error")} for code in statuses}
 
 
-SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string"}}}
+# One server-sent event; `data` is JSON text (or [DONE] at the end of an OpenAI stream).
+SSE_CONTENT = {"text/event-stream": {"schema": {
+    "type": "object", "properties": {"event": {"type": "string"}, "data": {"type": "string"},
+                                     "id": {"type": "string"}, "retry": {"type": "integer"}}}}}
 CHAT_ERRORS = (400, 401, 413, 422, 429, 500, 503)
 
 

@@ -293,3 +293,44 @@ def test_body_carries_sampling_and_history() -> None:
         ("doctorglm-merged", 40, 0.2, 0.8, 7)
     assert body["stop"] == ["。"] and body["min_tokens"] == 5 and body["stream"] is True
     assert body["use_knowledge"] is False
+
+
+def test_abort_all_ends_open_streams_with_a_cancelled_event() -> None:
+    """The end of a drain (SIGTERM): streams still open get a clear end, not a hang."""
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(head + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(30)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def run() -> list:
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        engine = UpstreamEngine(_settings(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"))
+        engine.start()
+        handle = engine.submit(_request())
+        await handle.open()
+        events = []
+        try:
+            async for event in handle:
+                events.append(event)
+                if len(events) == 1:
+                    await asyncio.to_thread(engine.abort_all, "the server is shutting down")
+            return events
+        finally:
+            assert engine.stats() == {"active": 0, "queued": 0}
+            await asyncio.to_thread(engine.stop)
+            server.close()
+
+    started = time.monotonic()
+    events = asyncio.run(asyncio.wait_for(run(), 10))
+    assert events[0].text == "x"
+    assert events[-1].finish_reason == "cancelled" and events[-1].error == "the server is shutting down"
+    assert time.monotonic() - started < 5

@@ -112,6 +112,27 @@ def test_sample_library_if_present() -> None:
         r = Retriever.load_or_build(sample, Path(tmp), progress=False)
         res = r.search("咳嗽，发烧，流鼻涕")
         assert res.hits and r.size >= 10
+        # Lay words and compounds reach the symptom vocabulary (only ['左臂'] survived before).
+        chest = r.search("胸口剧痛，出冷汗，左臂发麻", k=3)
+        assert {"胸痛", "冷汗", "出汗", "麻木"} <= set(chest.keywords)
+        assert chest.hits[0].disease.name in {"心绞痛", "心肌梗死", "冠心病"}
+        assert "胸痛" in chest.hits[0].matched_keywords
+
+
+def test_symptom_scan_finds_compounds_and_lay_body_parts(tiny: Retriever) -> None:
+    # 咽痛 is a symptom of one document only, so the scan vocabulary must admit df >= 1 here.
+    r = Retriever(tiny.index, SearchSettings(scan_min_df=1))
+    assert "咽痛" in r.scan_symptoms("嗓子疼得厉害")  # 嗓子 -> 咽, 疼 -> 痛
+    assert "流鼻涕" in r.scan_symptoms("一直流鼻涕")
+    assert "尿痛" in r.scan_symptoms("尿尿的时候疼，尿痛")
+    assert "咽痛" not in r.scan_symptoms("嗓子疼", negated=["嗓子疼"])
+    res = r.search("嗓子疼得厉害，鼻子不通")
+    assert res.hits[0].disease.id == "d1" and "咽痛" in res.keywords
+
+
+def test_negated_symptoms_not_rescanned(tiny: Retriever) -> None:
+    res = tiny.search("头痛，没有发烧")
+    assert "发烧" not in res.keywords and "发热" not in res.keywords
 
 
 @pytest.mark.slow

@@ -49,3 +49,20 @@ def test_patient_cues() -> None:
     assert patient_cues("怀孕两个月，恶心", ["怀孕"]).sex == "female"
     # A parent giving their own age still describes a child patient.
     assert not patient_cues("我30岁，孩子2岁发烧").adult
+
+
+def test_clinical_rewrite_body_parts_and_pain() -> None:
+    from knowledge.text import clinical_rewrite
+
+    assert clinical_rewrite("胸口剧痛，出冷汗") == "胸痛，出冷汗"
+    assert clinical_rewrite("嗓子疼肚子疼") == "咽痛腹痛"
+    assert clinical_rewrite("手心脚底有红点") == "手掌足底有皮疹"  # longest match: 脚底 before 脚
+    assert clinical_rewrite("头晕") == "头晕"
+
+
+def test_lay_terms_map_to_symptoms_not_diseases() -> None:
+    from knowledge.text import lay_terms
+
+    lay = lay_terms()
+    assert {"冷汗", "出汗"} <= set(lay["出冷汗"]) and "麻木" in lay["发麻"] and "疼痛" in lay["剧痛"]
+    assert all(t not in targets for t, targets in lay.items())

@@ -52,7 +52,8 @@ def test_jsonl_formats_and_bad_lines(tmp_path: Path) -> None:
     lines = [
         json.dumps({"question": "咳嗽怎么办", "answer": "多喝水，必要时就医。"}, ensure_ascii=False),
         "{not json",
-        json.dumps({"instruction": "你是医生", "input": "我发烧了", "output": "先测体温，多休息。"}, ensure_ascii=False),
+        json.dumps({"instruction": "你是医生", "input": "我发烧了", "output": "先测体温，多休息。"},
+                   ensure_ascii=False),
         json.dumps({"question": "", "answer": "x"}),
         json.dumps(["a list"]),
         "",

@@ -83,12 +83,10 @@ def sample_answers(model_dir: Path, questions: list[str], with_brief: bool = Fal
 
 def run_demo(budget_s: float = 540, data_dir: Path | None = None, out_dir: Path | None = None,
              run_dir: Path | None = None) -> dict[str, object]:
-    import torch
 
     from .merge import merge
     from .trainer import Trainer, cache_dir
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.perf_counter()
     root = repo_root()
     out_dir = out_dir or cache_dir() / "demo-model"

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, resolve_device, resolve_dtype
+from .config import TrainConfig, pick_threads, resolve_device, resolve_dtype
 from .data import Example
 from .features import Encoded, brief_provider, collate, encode_all
 from .probe import CollapseWatch, run_probe
@@ -147,6 +147,8 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        if resolve_device(cfg.device) == "cpu":
+            log.info("CPU threads: %d", pick_threads(cfg.threads))
         tokenizer, model, device = load_for_training(self.model_dir, cfg)
         pad_id = tokenizer.pad_token_id
         brief = (brief_provider(Path(cfg.knowledge_path) if cfg.knowledge_path else None, cache_dir(),

@@ -1,0 +1,162 @@
+"""Learned backstop behind the red-flag rules: a small linear model over n-gram features.
+
+The rules are precise but brittle: a complaint worded in a way nobody wrote a synonym for is missed.
+The backstop scores every request the rules did not flag with a logistic-regression model trained
+(``python -m safety train-backstop``) on the TUNED labelled sets only; when its probability reaches
+the threshold chosen by cross-validation, the request is flagged as an emergency with the rule id
+``"backstop"`` and the general emergency advice of the rule file.
+
+Features (per patient turn, then the union over the turns of a request):
+
+- Chinese: character 1-3-grams of every CJK run; English: word unigrams and bigrams, plus the
+  first five letters of longer words (``wheezing`` / ``wheezy`` share ``p:wheez``);
+- negation-aware: an n-gram whose first character lies in a negation scope of the rule machinery
+  (the same cues, window and scope breaks; concept mentions the rules negate) gets a ``~`` prefix,
+  so 没有胸痛 yields ``~胸痛``, not ``胸痛``;
+- the rule concepts' final state over the turns: ``c:chest_pain`` (affirmed), ``c~chest_pain`` (negated).
+
+Scoring is a dictionary lookup per feature: binary features, L2-normalised over the features the
+model knows, ``p = sigmoid(bias + sum(w) / sqrt(n))``. The weights file is plain JSON (format 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_BACKSTOP_PATH = Path(__file__).resolve().parent / "data" / "triage_backstop.json"
+BACKSTOP_RULE_ID = "backstop"
+# Whether Triage.from_file() loads the packaged backstop when not told otherwise.
+BACKSTOP_ENABLED_BY_DEFAULT = True
+FORMAT = 1
+
+_CJK_RUN = re.compile(r"[\u3400-\u9fff]+")
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_PHRASE = re.compile(r"[^,;!?:\n。.、()\[\]\"]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Mention:
+    """One concept term found in a turn; ``affirmed`` is False when it is negated."""
+
+    start: int
+    end: int
+    concept: str
+    affirmed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TurnScan:
+    """What one patient turn yields: concept mentions, and backstop features when a backstop is on."""
+
+    mentions: tuple[Mention, ...]
+    features: frozenset[str]
+
+
+def turn_features(s: str, negated: bytearray | bytes) -> frozenset[str]:
+    """n-gram features of one normalised turn; ``negated[i]`` marks characters in a negation scope."""
+    out: set[str] = set()
+    for run in _CJK_RUN.finditer(s):
+        a, b = run.span()
+        for i in range(a, b):
+            neg = "~" if negated[i] else ""
+            for n in (1, 2, 3):
+                if i + n <= b:
+                    out.add(neg + s[i : i + n])
+    for phrase in _PHRASE.finditer(s):
+        prev = ""
+        for w in _WORD.finditer(s, phrase.start(), phrase.end()):
+            word = w.group()
+            if word.isdigit():
+                word = "<num>"
+            neg = "~" if negated[w.start()] else ""
+            out.add(neg + "w:" + word)
+            if len(word) > 5:
+                out.add(neg + "p:" + word[:5])
+            if prev:
+                out.add(neg + "b:" + prev + "_" + word)
+            prev = word
+    return frozenset(out)
+
+
+def request_features(turns: Sequence[TurnScan], state: Mapping[str, bool]) -> frozenset[str]:
+    feats: set[str] = set()
+    for t in turns:
+        feats |= t.features
+    feats.update(("c:" if affirmed else "c~") + name for name, affirmed in state.items())
+    return frozenset(feats)
+
+
+@dataclass(frozen=True)
+class Backstop:
+    version: str
+    threshold: float
+    bias: float
+    weights: Mapping[str, float]
+    source: str = ""
+
+    def probability(self, features: Iterable[str]) -> float:
+        w = self.weights
+        total, n = 0.0, 0
+        for f in features:
+            v = w.get(f)
+            if v is not None:
+                total += v
+                n += 1
+        z = self.bias + (total / math.sqrt(n) if n else 0.0)
+        return 1.0 / (1.0 + math.exp(-z)) if z > -60 else 0.0
+
+    def to_json(self, meta: Mapping[str, object] | None = None) -> str:
+        data = {
+            "format": FORMAT,
+            "version": self.version,
+            "threshold": self.threshold,
+            "bias": self.bias,
+            "meta": dict(meta or {}),
+            "weights": dict(sorted(self.weights.items())),
+        }
+        return json.dumps(data, ensure_ascii=False, indent=1, sort_keys=False) + "\n"
+
+
+def load_backstop(path: Path | str) -> Backstop:
+    """Load a weights file; ValueError naming the file for anything malformed."""
+    path = Path(path)
+
+    def fail(msg: str) -> ValueError:
+        return ValueError(f"backstop weights file {path}: {msg}")
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise fail(f"cannot read: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise fail(f"not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise fail("top level must be a JSON object")
+    if data.get("format") != FORMAT:
+        raise fail(f'"format" must be {FORMAT}')
+    version = data.get("version")
+    if not isinstance(version, str) or not version:
+        raise fail('"version" must be a non-empty string')
+    threshold, bias = data.get("threshold"), data.get("bias")
+    if not _is_number(threshold) or not 0.0 < threshold <= 1.0:
+        raise fail('"threshold" must be a number in (0, 1]')
+    if not _is_number(bias):
+        raise fail('"bias" must be a finite number')
+    weights = data.get("weights")
+    if not isinstance(weights, dict) or not weights:
+        raise fail('"weights" must be a non-empty object of feature -> number')
+    for k, v in weights.items():
+        if not k or not _is_number(v):
+            raise fail(f"weight {k!r} must be a finite number")
+    return Backstop(
+        version=version, threshold=float(threshold), bias=float(bias), weights=weights, source=str(path)
+    )
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
