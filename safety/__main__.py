@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rules version {triage.version}: {len(triage.rule_ids)} rules")
     bs = triage.backstop
     print(
-        f"learned backstop {bs.version} (threshold {bs.threshold:.3f}, rule id 'backstop'): details below are rules+backstop"
+        f"learned backstop {bs.version} (threshold {bs.threshold:.3f}, rule id 'backstop'): "
+        "the per-set details below are rules+backstop"
         if bs is not None
         else "learned backstop: disabled"
     )

@@ -153,9 +153,7 @@ def load_backstop(path: Path | str) -> Backstop:
     for k, v in weights.items():
         if not k or not _is_number(v):
             raise fail(f"weight {k!r} must be a finite number")
-    return Backstop(
-        version=version, threshold=float(threshold), bias=float(bias), weights=weights, source=str(path)
-    )
+    return Backstop(version=version, threshold=float(threshold), bias=float(bias), weights=weights, source=str(path))
 
 
 def _is_number(v: object) -> bool:

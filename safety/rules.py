@@ -106,7 +106,10 @@ class GeneralAdvice:
 
 
 DEFAULT_GENERAL = GeneralAdvice(
-    description={"zh": "可能的急症（描述提示危险信号）", "en": "a possible emergency (warning signs in the description)"},
+    description={
+        "zh": "可能的急症（描述提示危险信号）",
+        "en": "a possible emergency (warning signs in the description)",
+    },
     advice={
         "zh": "您描述的情况可能是急症：请立即拨打120或马上到最近的急诊就诊，不要等待观察。",
         "en": "What you describe may be an emergency: call emergency services or go to the nearest emergency "

@@ -156,7 +156,8 @@ def train(out: Path = DEFAULT_BACKSTOP_PATH, log=print) -> Backstop:  # noqa: AN
         "trained_by": "python -m safety train-backstop",
         "rules_version": rules_version,
         "training_sets": {
-            p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in (s.path for s in EVAL_SETS if s.kind == "tuned")
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+            for p in (s.path for s in EVAL_SETS if s.kind == "tuned")
         },
         "lambda": lam,
         "min_df": MIN_DF,
