@@ -25,7 +25,7 @@ from tqdm import tqdm
 from knowledge.schema import Disease, LibraryError, load_library
 from knowledge.text import DATA_DIR, TextProcessor, clean_term, cue_words, normalise
 
-INDEX_VERSION = 6  # bump when the on-disk layout or the tokenisation code changes
+INDEX_VERSION = 7  # bump when the on-disk layout or the tokenisation code changes
 FIELDS = ("name", "symptoms", "prose", "all")  # "all" is the plain-BM25 single field
 # Word lists that change document tokens or flags (lay_terms.json is query-side only).
 INDEX_DATA_FILES = ("stopwords.txt", "generic_words.txt", "cue_words.json")
@@ -82,6 +82,12 @@ class DocMeta:
     prevalence: np.ndarray  # percent; NaN when unknown
     mentions: np.ndarray  # how many other documents list this disease among their complications
     n_symptom_terms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    child_dept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # paediatric department
+
+
+def _child_dept(d: Disease) -> bool:
+    dept = "".join(d.department)
+    return any(m in dept for m in cue_words()["child_departments"])
 
 
 def _doc_flags(d: Disease) -> tuple[bool, bool, bool, bool, bool, bool]:
@@ -222,6 +228,7 @@ class LibraryIndex:
             elderly=flags[:, 4], adult_only=flags[:, 5],
             prevalence=np.array([np.nan if p is None else p for p in prev]),
             mentions=complication_mentions(diseases),
+            child_dept=np.array([_child_dept(d) for d in diseases], dtype=bool),
         )
         index = cls(library_path, settings, proc, fields, meta)
         index._all_tokens = [t["all"] for t in tokens]
@@ -236,7 +243,7 @@ class LibraryIndex:
         m = self.meta
         np.savez(tmp / "flags.npz", child=m.child, child_only=m.child_only, female=m.female, male=m.male,
                  elderly=m.elderly, adult_only=m.adult_only, prevalence=m.prevalence,
-                 mentions=m.mentions)
+                 mentions=m.mentions, child_dept=m.child_dept)
         meta = {"ids": m.ids, "names": m.names, "aliases": m.aliases, "symptoms": m.symptoms,
                 "offsets": m.offsets, "library": str(self.library_path), "settings": asdict(self.settings)}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")

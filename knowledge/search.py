@@ -53,7 +53,15 @@ class SearchSettings:
     w_mentions: float = 0.25  # per log1p(other documents listing the disease as a complication)
     prevalence_cap: float = 100.0  # percent; "90%" prevalences in scraped libraries are noise, not fact
     default_prevalence: float = 0.005  # the library's median, for documents without one
+    # "log": w_prevalence * log10(percent). "rank": w_prevalence_rank * the percentile of the document's
+    # prevalence within the library (0..1), so scraped extremes ("90%" vs "0.001%") are compressed.
+    prevalence_mode: str = "log"  # "rank" tried on half a: top-1 -5 points, so log stays
+    w_prevalence_rank: float = 1.0
+    mentions_cap: int = 100_000
     w_child_match: float = 0.5  # dxy_dev half a: 0.3 -> 0.5 lifted top-1 27.5% -> 30.8%
+    # Extra for a paediatric department (not just children among the susceptible people). Tried 0.3 and
+    # 0.6 on dxy_dev half a: both worse (common entries of adult departments lose to paediatric ones).
+    w_child_dept: float = 0.0
     w_child_mismatch: float = 0.12
     w_adult_child_only: float = 0.3
     w_sex_mismatch: float = 0.3
@@ -69,6 +77,17 @@ class SearchSettings:
     # Score gap top-1 minus top-2. dxy_dev half a: top-1 precision 33% overall, 42% at gap>=0.2 (34% of
     # queries), 44% at >=0.3 (13%); never the 60% a fact-like answer needs, so confidence stays rare.
     confident_margin: float = 0.5
+    # Medical specificity of a query word: the share of the library documents using it that use it in a
+    # name or symptom list. Words used only in prose (一段时间, 很少, 结果, 方法, 女孩) are discourse, not
+    # findings; they are weighted by share / spec_share (0 when never a name or symptom) once they are
+    # common enough in the library (>= spec_min_df documents) to be judged. Library words always count.
+    spec_share: float = 0.1  # dxy_dev half a: top-5 58.3% -> 59.2% (with the name evidence below)
+    spec_min_df: int = 30
+    # A long query word that is exactly a disease name or alias ("是否是过敏性鼻炎") is evidence for that
+    # disease (a hedged mention, not proof); two-character names count name_exact_short of it. Entries
+    # named after a symptom (咳嗽, 发烧) get none: the patient describes a symptom, not a diagnosis.
+    w_name_exact: float = 1.5  # dxy_dev half a: 0 -> 1.5 lifted top-5 49.8% -> 58.3%; 2-3 no better
+    name_exact_short: float = 0.5
 
 
 @dataclass
@@ -110,11 +129,23 @@ class Retriever:
         self.settings = settings or SearchSettings()
         m = index.meta
         prev = np.where(np.isnan(m.prevalence), self.settings.default_prevalence, m.prevalence)
-        self._log_prev = np.log10(np.clip(prev, 1e-4, self.settings.prevalence_cap))
-        self._log_mentions = np.log1p(m.mentions.astype(float))
+        if self.settings.prevalence_mode == "rank":
+            known = np.sort(np.clip(prev, 1e-4, self.settings.prevalence_cap))
+            lo = np.searchsorted(known, np.clip(prev, 1e-4, self.settings.prevalence_cap), side="left")
+            hi = np.searchsorted(known, np.clip(prev, 1e-4, self.settings.prevalence_cap), side="right")
+            self._prev_prior = self.settings.w_prevalence_rank * (lo + hi) / (2 * max(len(known), 1))
+        else:
+            self._prev_prior = self.settings.w_prevalence * np.log10(np.clip(prev, 1e-4, self.settings.prevalence_cap))
+        self._log_mentions = np.log1p(np.minimum(m.mentions, self.settings.mentions_cap).astype(float))
         self._sym_len = np.array([max(len(s), 1) for s in m.symptoms], dtype=float)
         self._user_words = set(index.text.user_words)
         self._keep_cache: dict[str, bool] = {}
+        self._spec_cache: dict[str, float] = {}
+        self._name_rows: dict[str, list[int]] = {}
+        for row, (name, aliases) in enumerate(zip(m.names, m.aliases, strict=True)):
+            for n in dict.fromkeys(normalise(x.strip()) for x in (name, *aliases)):
+                if len(n) >= 2:
+                    self._name_rows.setdefault(n, []).append(row)
         # term -> (rows, fielded BM25 contribution at query weight 1): the name, symptom and prose postings
         # merged into one weighted posting list, so a query is one concatenate + one bincount.
         self._merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -151,6 +182,23 @@ class Retriever:
             if len(self._keep_cache) < 100_000:
                 self._keep_cache[term] = kept
         return kept
+
+    def _specificity(self, term: str) -> float:
+        """Weight in [0, 1] of a kept query word by how medical the library's use of it is."""
+        s = self.settings
+        if not s.spec_share or term in self._user_words:
+            return 1.0
+        w = self._spec_cache.get(term)
+        if w is None:
+            df = self._df("all", term)
+            if df < s.spec_min_df:
+                w = 1.0
+            else:
+                med = self._df("symptoms", term) + self._df("name", term)
+                w = min(1.0, med / df / s.spec_share)
+            if len(self._spec_cache) < 100_000:
+                self._spec_cache[term] = w
+        return w
 
     @classmethod
     def load_or_build(cls, library_path: Path, cache_dir: Path, progress: bool = True,
@@ -204,8 +252,14 @@ class Retriever:
 
     # -- query side -------------------------------------------------------------------------------
     def _weighted_terms(self, query: str, history: Sequence[str]) -> tuple[Counter[str], QueryTerms]:
+        weights, current, _ = self._query(query, history)
+        return weights, current
+
+    def _query(self, query: str, history: Sequence[str]) -> tuple[Counter[str], QueryTerms, dict[str, float]]:
+        """Weighted search words, the current turn's terms and the disease names the patient wrote."""
         s = self.settings
         weights: Counter[str] = Counter()
+        named: dict[str, float] = {}
         current = self.index.text.query_terms(query)
         turns = [*decayed(list(history), s.history_decay), (query, 1.0)]
         for i, (text, w) in enumerate(turns):
@@ -217,7 +271,9 @@ class Retriever:
                 for term, n in Counter(group).items():
                     tw = w * factor * (1 + 0.5 * math.log(n))
                     if self._keep(term):
-                        weights[term] += tw
+                        weights[term] += tw * self._specificity(term)
+                    if factor == 1.0 and term in self._name_rows:
+                        named[term] = max(named.get(term, 0.0), w)
                     for clinical in lay.get(term, ()):
                         weights[clinical] = max(weights[clinical], tw * s.lay_weight)
             if s.scan_weight:
@@ -227,7 +283,19 @@ class Retriever:
                 if is_now:
                     for t in (term, *lay_terms().get(term, ())):
                         weights.pop(t, None)  # "no fever now" overrides fever mentioned earlier
-        return weights, current
+                        named.pop(t, None)
+        return Counter({t: v for t, v in weights.items() if v > 0}), current, named
+
+    def _name_bonus(self, named: dict[str, float]) -> np.ndarray | None:
+        s = self.settings
+        if not s.w_name_exact or not named:
+            return None
+        bonus = np.zeros(self.size)
+        for term, w in named.items():
+            size = 1.0 if len(term) >= 3 else s.name_exact_short
+            rows = [r for r in self._name_rows[term] if not self._symptom_entry[r]]
+            bonus[rows] = np.maximum(bonus[rows], s.w_name_exact * size * w)
+        return bonus
 
     def _field_scores(self, fname: str, weights: dict[str, float]) -> np.ndarray:
         model: bm25s.BM25 = self.index.fields[fname]
@@ -299,11 +367,13 @@ class Retriever:
 
     def _priors(self, rows: np.ndarray, cues: PatientCues) -> np.ndarray:
         s, m = self.settings, self.index.meta
-        prior = (s.w_prevalence * self._log_prev[rows] + s.w_mentions * self._log_mentions[rows]
+        prior = (self._prev_prior[rows] + s.w_mentions * self._log_mentions[rows]
                  - s.w_symptom_entry * self._symptom_entry[rows])
         child, child_only = m.child[rows], m.child_only[rows]
         if cues.child:
             prior += s.w_child_match * child - s.w_child_mismatch * m.adult_only[rows]
+            if s.w_child_dept and len(m.child_dept):
+                prior += s.w_child_dept * m.child_dept[rows]
         elif cues.adult:
             prior -= s.w_adult_child_only * child_only
         if cues.sex == "male":
@@ -380,7 +450,7 @@ class Retriever:
             final = scores[rows]
             keywords, negated, cues = list(dict.fromkeys(tokens)), [], PatientCues()
         else:
-            weights, current = self._weighted_terms(query, history)
+            weights, current, named = self._query(query, history)
             keywords, negated = list(weights), current.negated
             all_text = normalise(" ".join([*history, query]))
             cues = patient_cues(all_text, [*current.tokens, *(t for h in history for t in h.split())])
@@ -391,6 +461,9 @@ class Retriever:
                 # disease before the priors could lift it.
                 cov, n_hit, n_query = self._coverage(weights)
                 final = bm / top + s.w_coverage * cov + self._all_priors(cues)
+                bonus = self._name_bonus(named)
+                if bonus is not None:
+                    final += bonus
                 if s.w_single and n_query >= 2:
                     final -= s.w_single * (n_hit <= 1)
                 final[bm <= 0] = -np.inf

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         triage = Triage.from_file(args.rules)
         rules_only = Triage.from_file(args.rules, backstop=False)
+        combined = Triage.from_file(args.rules, backstop=True) if args.command == "eval" else triage
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -48,15 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print(f"rules version {triage.version}: {len(triage.rule_ids)} rules")
-    bs = triage.backstop
-    print(
-        f"learned backstop {bs.version} (threshold {bs.threshold:.3f}, rule id 'backstop'): "
-        "the per-set details below are rules+backstop"
-        if bs is not None
-        else "learned backstop: disabled"
-    )
-    print("TUNED sets: the rules were adjusted on their misses, so their scores are optimistic.")
-    print("BLIND sets: never tuned on; the honest estimate for complaints nobody has seen.")
+    bs = combined.backstop
+    assert bs is not None
+    state = "ENABLED" if triage.backstop is not None else "disabled by default (setting DOCTORGLM_TRIAGE_BACKSTOP=1)"
+    print(f"learned backstop {bs.version}, threshold {bs.threshold:.3f}, rule id 'backstop': {state}")
+    print("per-set details: the serving configuration; summary: rules only | rules+backstop")
     sets = [EvalSet(p, "custom") for p in args.data] if args.data else [s for s in EVAL_SETS if s.path.is_file()]
     summary: list[str] = []
     for es in sets:
@@ -69,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(triage, cases, name=label + (f" ({es.note})" if es.note else ""))
         print()
         print(format_report(report, triage.rule_ids))
-        base = evaluate(rules_only, cases) if bs is not None else report
-        summary.append(f"  {label:<34} {_cell(base)}   {_cell(report) if bs is not None else ''}")
+        base, both = evaluate(rules_only, cases), evaluate(combined, cases)
+        summary.append(f"  {label:<30} {_cell(base)} | {_cell(both)}")
     print()
-    print("summary:" + (" rules only | rules+backstop" if bs is not None else " rules only"))
+    print(f"summary: {'':<24} {'rules only':<50} | rules+backstop")
     print("\n".join(summary))
     return 0
 

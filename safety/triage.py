@@ -32,15 +32,13 @@ from pathlib import Path
 from typing import Literal
 
 from safety.backstop import (
-    BACKSTOP_ENABLED_BY_DEFAULT,
     BACKSTOP_RULE_ID,
-    DEFAULT_BACKSTOP_PATH,
     Backstop,
     Mention,
     TurnScan,
+    backstop_setting,
     load_backstop,
     request_features,
-    turn_features,
 )
 from safety.language import Language, detect_language
 from safety.rules import Concept, RuleSet, load_ruleset
@@ -111,15 +109,13 @@ class Triage:
     ) -> Triage:
         """Load rules from ``path`` (default: the packaged red_flags.json); ValueError if malformed.
 
-        ``backstop``: None = the packaged learned backstop if ``BACKSTOP_ENABLED_BY_DEFAULT``,
-        True = the packaged one, False = rules only, a path = that weights file.
+        ``backstop``: True = the packaged learned backstop (safety/data/triage_backstop.json),
+        False = rules only, a path = that weights file, None = the ``DOCTORGLM_TRIAGE_BACKSTOP``
+        environment setting (1/0/a path), else ``BACKSTOP_ENABLED_BY_DEFAULT`` (off).
         """
         ruleset = load_ruleset(Path(path) if path is not None else DEFAULT_RULES_PATH)
-        if backstop is None:
-            backstop = BACKSTOP_ENABLED_BY_DEFAULT
-        model = None
-        if backstop is not False:
-            model = load_backstop(DEFAULT_BACKSTOP_PATH if backstop is True else Path(backstop))
+        weights = backstop_setting(backstop)
+        model = load_backstop(weights) if weights is not None else None
         return cls(ruleset, cache_size=cache_size, backstop=model)
 
     @property
@@ -146,7 +142,7 @@ class Triage:
         fired = [r for r in self._rs.rules if r.matches(present)] if present else []
         if not fired:
             bs = self._backstop
-            if bs is not None and bs.probability(request_features(turns, state)) >= bs.threshold:
+            if bs is not None and bs.probability(request_features(turns, state, self._negation_scope)) >= bs.threshold:
                 ge = self._rs.general_emergency
                 return SafetyAssessment(
                     level="emergency",
@@ -176,19 +172,16 @@ class Triage:
     def features(self, question: str, history: Sequence[str] = ()) -> frozenset[str]:
         """The backstop's features of a request (n-grams with negation marks, concept states)."""
         state: dict[str, bool] = {}
-        turns = [self._scan_turn(turn, with_features=True) for turn in (*history, question)]
+        turns = [self._scan(turn) for turn in (*history, question)]
         for scan in turns:
             for mention in scan.mentions:
                 state[mention.concept] = mention.affirmed
-        return request_features(turns, state)
+        return request_features(turns, state, self._negation_scope)
 
-    def _scan_turn(self, text: str, with_features: bool = False) -> TurnScan:
+    def _scan_turn(self, text: str) -> TurnScan:
         s = _normalise(text)
         mentions, masked = self._find_mentions(s)
-        feats: frozenset[str] = frozenset()
-        if with_features or self._backstop is not None:
-            feats = turn_features(s, self._negation_scope(s, masked, mentions))
-        return TurnScan(mentions, feats)
+        return TurnScan(mentions, s, masked)
 
     def _negation_scope(self, s: str, masked: str, mentions: tuple[Mention, ...]) -> bytearray:
         """1 for every character inside a negation scope (same cues, window and breaks as the rules)."""

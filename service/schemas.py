@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints
 
 # Hard ceilings that hold whatever the settings say; the settings can only lower them.
 HARD_MAX_CHARS = 32_000
@@ -16,6 +16,10 @@ MAX_STOP_CHARS = 32
 Text = Annotated[str, StringConstraints(max_length=HARD_MAX_CHARS)]
 NonBlank = Annotated[str, StringConstraints(min_length=1, max_length=HARD_MAX_CHARS, pattern=r"\S")]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+# Numbers and flags are taken as JSON gives them: no "0.5" strings, no true-for-1, no 1.0-for-1.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
 
 temperature_field = Field(0.7, ge=0.0, le=2.0, description="0 = greedy")
 top_p_field = Field(0.9, gt=0.0, le=1.0)
@@ -34,17 +38,17 @@ class ChatRequest(BaseModel):
     prompt: NonBlank = Field(description="The patient's question")
     history: list[tuple[Text, Text]] | None = Field(default_factory=list, max_length=HARD_MAX_HISTORY,
                                                     description="Earlier [question, answer] pairs, oldest first")
-    max_length: int | None = Field(None, ge=16, le=32768, description="Prompt + answer token cap (ChatGLM api.py)")
-    max_new_tokens: int | None = max_new_tokens_field
-    min_new_tokens: int = min_new_tokens_field
-    temperature: float = temperature_field
-    top_p: float = top_p_field
-    top_k: int = top_k_field
-    repetition_penalty: float = repetition_penalty_field
-    seed: int | None = seed_field
+    max_length: Int | None = Field(None, ge=16, le=32768, description="Prompt + answer token cap (ChatGLM api.py)")
+    max_new_tokens: Int | None = max_new_tokens_field
+    min_new_tokens: Int = min_new_tokens_field
+    temperature: Float = temperature_field
+    top_p: Float = top_p_field
+    top_k: Int = top_k_field
+    repetition_penalty: Float = repetition_penalty_field
+    seed: Int | None = seed_field
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
-    stream: bool = False
-    use_knowledge: bool = True
+    stream: Bool = False
+    use_knowledge: Bool = True
 
 
 class ErrorDetail(BaseModel):
@@ -147,7 +151,7 @@ class OpenAIMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool | None = False
+    include_usage: Bool | None = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -158,21 +162,21 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = Field(None, max_length=256)
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=2 * HARD_MAX_HISTORY + 2)
     # Clients send null for "not set": null means the default.
-    temperature: float | None = temperature_field
-    top_p: float | None = top_p_field
-    max_tokens: int | None = max_new_tokens_field
-    max_completion_tokens: int | None = max_new_tokens_field
+    temperature: Float | None = temperature_field
+    top_p: Float | None = top_p_field
+    max_tokens: Int | None = max_new_tokens_field
+    max_completion_tokens: Int | None = max_new_tokens_field
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = seed_field
-    n: int | None = Field(1, ge=1, le=1, description="only 1 is supported")
+    seed: Int | None = seed_field
+    n: Int | None = Field(1, ge=1, le=1, description="only 1 is supported")
     user: str | None = Field(None, max_length=256)
-    stream: bool | None = False
+    stream: Bool | None = False
     stream_options: StreamOptions | None = None
     # Extensions (vLLM-style names):
-    top_k: int = top_k_field
-    repetition_penalty: float = Field(1.0, ge=0.5, le=2.0)
-    min_tokens: int = min_new_tokens_field
-    use_knowledge: bool = True
+    top_k: Int = top_k_field
+    repetition_penalty: Float = Field(1.0, ge=0.5, le=2.0)
+    min_tokens: Int = min_new_tokens_field
+    use_knowledge: Bool = True
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

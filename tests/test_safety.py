@@ -387,3 +387,130 @@ def test_broadened_phrase_families_fire(triage: Triage, text: str) -> None:
 )
 def test_broadened_terms_do_not_fire_on_lookalikes(triage: Triage, text: str) -> None:
     assert not triage.assess(text).is_emergency
+
+
+# -- learned backstop ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def with_backstop() -> Triage:
+    return Triage.from_file(backstop=True)
+
+
+def _weights_file(tmp_path: Path, **overrides: object) -> Path:
+    data: dict[str, object] = {
+        "format": 1,
+        "version": "t1",
+        "threshold": 0.5,
+        "bias": -3.0,
+        "weights": {"w:zebra": 9.0},
+    }
+    data.update(overrides)
+    path = tmp_path / "bs.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_backstop_loads_and_was_trained_on_tuned_sets_only(with_backstop: Triage) -> None:
+    bs = with_backstop.backstop
+    assert bs is not None and bs.version and 0.0 < bs.threshold < 1.0 and len(bs.weights) > 100
+    meta = json.loads(Path(bs.source).read_text(encoding="utf-8"))["meta"]
+    tuned = {es.path.name for es in EVAL_SETS if es.kind == "tuned"}
+    blind = {es.path.name for es in EVAL_SETS if es.kind == "blind"}
+    assert set(meta["training_sets"]) == tuned and not set(meta["training_sets"]) & blind
+    assert {"triage_probe5.jsonl", "triage_probe6.jsonl"} <= blind
+
+
+def test_backstop_off_by_default_and_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from safety.backstop import BACKSTOP_ENABLED_BY_DEFAULT, BACKSTOP_ENV
+
+    monkeypatch.delenv(BACKSTOP_ENV, raising=False)
+    assert (Triage.from_file().backstop is not None) == BACKSTOP_ENABLED_BY_DEFAULT
+    monkeypatch.setenv(BACKSTOP_ENV, "1")
+    assert Triage.from_file().backstop is not None
+    monkeypatch.setenv(BACKSTOP_ENV, "off")
+    assert Triage.from_file().backstop is None
+    monkeypatch.setenv(BACKSTOP_ENV, str(_weights_file(tmp_path)))
+    bs = Triage.from_file().backstop
+    assert bs is not None and bs.version == "t1"
+    assert Triage.from_file(backstop=False).backstop is None
+
+
+def test_backstop_is_deterministic(with_backstop: Triage) -> None:
+    from safety.train_backstop import fit, load_training
+
+    fresh = Triage.from_file(backstop=True, cache_size=0)
+    for case in load_cases(DEFAULT_SETS[-1]):
+        assert with_backstop.assess(case.text, case.history) == fresh.assess(case.text, case.history)
+    data = load_training(Triage.from_file(backstop=False), [DEFAULT_SETS[1]])
+    a, b = fit(data.feats, data.y, 0.1), fit(data.feats, data.y, 0.1)
+    assert a.weights == b.weights and a.bias == b.bias and a.to_json() == b.to_json()
+
+
+def test_backstop_features_respect_negation(with_backstop: Triage) -> None:
+    neg = with_backstop.features("没有胸痛，也没有出汗")
+    assert "~胸痛" in neg and "胸痛" not in neg and "c~chest_pain" in neg
+    pos = with_backstop.features("胸痛，出汗")
+    assert "胸痛" in pos and "~胸痛" not in pos
+    en = with_backstop.features("no chest pain, I can breathe fine")
+    assert "~w:chest" in en and "w:chest" not in en
+    bs = with_backstop.backstop
+    assert bs is not None
+    assert bs.probability(with_backstop.features("我没有胸口压着疼")) < bs.probability(
+        with_backstop.features("我胸口压着疼")
+    )
+    for text in ("没有胸痛，没有出汗，没有气短", "no chest pain, no sweating, no shortness of breath"):
+        assert not with_backstop.assess(text).is_emergency
+
+
+def test_backstop_threshold_and_general_advice(tmp_path: Path) -> None:
+    t = Triage.from_file(backstop=_weights_file(tmp_path, threshold=0.5))
+    a = t.assess("there is a zebra in my kitchen")
+    assert a.is_emergency and a.rule_ids == ["backstop"] and a.lang == "en"
+    assert "emergency" in a.advice and a.prompt_note.startswith("URGENT")
+    assert not t.assess("there is no zebra in my kitchen").is_emergency  # ~w:zebra is not w:zebra
+    zh = t.assess("厨房里有一只zebra")
+    assert zh.is_emergency and "120" in zh.advice and zh.prompt_note.startswith("【紧急情况】")
+    # The rules keep priority: their ids and advice, not the backstop's.
+    assert t.assess("胸口痛，出了一身冷汗 zebra").rule_ids == ["cardiac_chest_pain"]
+    # p = sigmoid(-3 + 9) ~ 0.9975: a threshold above it keeps the request unflagged.
+    high = Triage.from_file(backstop=_weights_file(tmp_path, threshold=0.999))
+    assert not high.assess("there is a zebra in my kitchen").is_emergency
+    assert not t.assess("my kitchen is tidy").is_emergency
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"format": 2}, '"format"'),
+        ({"threshold": 1.5}, '"threshold"'),
+        ({"threshold": "high"}, '"threshold"'),
+        ({"bias": None}, '"bias"'),
+        ({"weights": {}}, '"weights"'),
+        ({"weights": {"w:a": "x"}}, "weight 'w:a'"),
+        ({"version": ""}, '"version"'),
+    ],
+)
+def test_malformed_backstop_file_is_a_clear_error(tmp_path: Path, overrides: dict, message: str) -> None:
+    path = _weights_file(tmp_path, **overrides)
+    with pytest.raises(ValueError, match="backstop weights file") as exc:
+        Triage.from_file(backstop=path)
+    assert message in str(exc.value)
+
+
+def test_backstop_file_not_json_or_missing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope", encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Triage.from_file(backstop=bad)
+    with pytest.raises(ValueError, match="cannot read"):
+        Triage.from_file(backstop=tmp_path / "missing.json")
+
+
+def test_cli_eval_shows_rules_only_and_backstop_columns() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "safety", "eval"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "rules only" in proc.stdout and "rules+backstop" in proc.stdout
+    assert "triage_probe6.jsonl" in proc.stdout
