@@ -58,7 +58,7 @@ class Runtime:
 
 def build_runtime(settings: Settings, *, progress: bool = True) -> Runtime:
     """Light parts only; the model and index are loaded by load_runtime (may take a while)."""
-    triage = Triage.from_file(settings.red_flags_path)
+    triage = Triage.from_file(settings.red_flags_path, backstop=settings.triage_backstop)
     return Runtime(settings=settings, metrics=Metrics(), keys=KeyChecker(settings.keys()),
                    audit=AuditLog(settings.audit_log), triage=triage)
 

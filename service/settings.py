@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     audit_log: Path | None = None
     safety_notice: str = DEFAULT_SAFETY_NOTICE
     red_flags_path: Path | None = None
+    # The learned backstop behind the red-flag rules: on blind sets it lifted emergency recall from
+    # 71% to 92% at 4.9% false alarms (safety/README in docs/safety.md); a missed emergency costs more.
+    triage_backstop: bool = True
     served_model_name: str = "doctorglm"
 
     @field_validator("model_path", "adapter_path", "api_keys_file", "audit_log", "red_flags_path",

@@ -167,3 +167,22 @@ def test_complication_mentions_prior(tmp_path: Path) -> None:
     flat = Retriever(r.index, SearchSettings(w_mentions=0.0))
     scores = {h.disease.id: h.score for h in flat.search("鼻塞流涕", k=2).hits}
     assert scores["c1"] == pytest.approx(scores["c2"])
+
+
+def test_named_disease_is_evidence(tiny: Retriever) -> None:
+    res = tiny.search("头有点不舒服，是否是偏头痛？")
+    assert res.hits and res.hits[0].disease.id == "d3"
+    off = Retriever(tiny.index, SearchSettings(w_name_exact=0.0))
+    assert res.hits[0].score > off.search("头有点不舒服，是否是偏头痛？").hits[0].score
+
+
+def test_prose_only_words_weigh_less(tiny: Retriever) -> None:
+    r = Retriever(tiny.index, SearchSettings(spec_min_df=1))
+    assert r._specificity("总称") == 0.0  # only ever in prose: discourse, not a finding
+    assert r._specificity("头痛") == 1.0  # a symptom-list word always counts
+    assert tiny._specificity("总称") == 1.0  # too rare in a 5-document library to judge
+
+
+def test_paediatric_department_flag(tiny: Retriever) -> None:
+    flags = dict(zip(tiny.index.meta.ids, tiny.index.meta.child_dept.tolist(), strict=True))
+    assert flags == {"d1": False, "d2": True, "d3": False, "d4": False, "d5": False}
