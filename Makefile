@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/retrieval.py
 	$(PY) bench/triage.py
 	$(PY) bench/serving.py
+	$(PY) bench/training.py
 
 index: $(STAMP)
 	$(PY) -m knowledge build --library $${DOCTORGLM_KNOWLEDGE_PATH:-knowledge/data/sample_diseases.jsonl}

@@ -81,15 +81,29 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, dtype: str =
         model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
     )
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        log.info("merging adapter %s into %s", adapter_dir, model_dir)
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        model = attach_adapter(model, adapter_dir)
     model = quantize_merged(model, quantization) if quantization != "none" else model.to(target_device)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, device=torch.device(target_device), name=model_dir.name)
+
+
+def attach_adapter(model: Any, adapter_dir: Path) -> Any:
+    """Merge a LoRA adapter into the weights; refuse adapters that cannot be merged, with what to do."""
+    from peft import PeftConfig, PeftModel
+
+    try:
+        peft_type = str(PeftConfig.from_pretrained(adapter_dir).peft_type)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{adapter_dir} is not a peft adapter directory (adapter_config.json): {exc}") from exc
+    if "LORA" not in peft_type.upper():
+        raise ModelLoadError(
+            f"{adapter_dir} is a {peft_type} adapter, which cannot be merged into the weights: serve LoRA "
+            "adapters, or export a P-tuning model with `python -m training merge` first"
+        )
+    log.info("merging adapter %s", adapter_dir)
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
 
 
 def quantize_merged(model: Any, quantization: str) -> Any:
