@@ -11,9 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from knowledge.schema import Disease
+from knowledge.schema import parse_record
 
 # Other libraries' field names -> ours (first match wins).
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
@@ -119,11 +117,9 @@ def import_library(source: Path, output: Path, id_prefix: str | None = None) -> 
         if id_prefix and not str(record["id"]).startswith(id_prefix):
             record["id"] = f"{id_prefix}-{record['id']}"
         try:
-            disease = Disease.model_validate(record)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "record"
-            report.errors.append((number, f"{where}: {first['msg']}"))
+            disease = parse_record(record)
+        except ValueError as exc:
+            report.errors.append((number, str(exc)))
             continue
         if disease.name in seen_names:
             report.duplicates += 1

@@ -94,6 +94,18 @@ class LibraryError(ValueError):
     """The library cannot be used at all (missing, unreadable, or no valid document)."""
 
 
+def parse_record(record: object) -> Disease:
+    """One library record as a Disease; ValueError with the first problem (field: message) otherwise."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    try:
+        return Disease.model_validate(record)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "record"
+        raise ValueError(f"{where}: {first['msg']}") from None
+
+
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -125,15 +137,10 @@ def load_library(path: str | Path) -> LoadReport:
         except json.JSONDecodeError as exc:
             report.errors.append((number, f"invalid JSON: {exc.msg}"))
             continue
-        if not isinstance(record, dict):
-            report.errors.append((number, "not a JSON object"))
-            continue
         try:
-            disease = Disease.model_validate(record)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "record"
-            report.errors.append((number, f"{where}: {first['msg']}"))
+            disease = parse_record(record)
+        except ValueError as exc:
+            report.errors.append((number, str(exc)))
             continue
         if disease.id in seen:
             report.duplicates.append((number, disease.id))

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .designer import DesignedPrompt
+from .designer import NO_MATCH_NOTE, UNCERTAIN_NOTE, DesignedPrompt
 from .engine.types import ChatTurn, EngineError, Finished, GenerationRequest, SamplingParams, TokenDelta
 from .errors import APIError, to_api_error
 from .runtime import Runtime
@@ -55,8 +55,9 @@ class ChatStart:
 def strip_notice(answer: str, notice: str) -> str:
     """Answers we sent carry the safety notice; drop it when the client sends them back as history."""
     answer = answer.rstrip()
-    if notice and answer.endswith(notice):
-        answer = answer[: -len(notice)].rstrip()
+    for tail in (notice, *UNCERTAIN_NOTE.values(), *NO_MATCH_NOTE.values()):
+        if tail and answer.endswith(tail):
+            answer = answer[: -len(tail)].rstrip()
     return answer
 
 
@@ -115,8 +116,8 @@ async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id:
 
 def meta_event(start: ChatStart) -> dict[str, Any]:
     return {"id": start.id, "request_id": start.request_id, "keywords": start.designed.keywords,
-            "references": start.designed.references, "uncertain": not start.designed.confident,
-            "safety": start.safety}
+            "references": start.designed.references, "uncertain": bool(start.designed.uncertainty_note),
+            "uncertainty_note": start.designed.uncertainty_note, "safety": start.safety}
 
 
 async def run_chat(runtime: Runtime, start: ChatStart) -> AsyncIterator[tuple[str, dict[str, Any]]]:

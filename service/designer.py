@@ -13,7 +13,18 @@ from knowledge.brief import write_brief, write_candidates
 from knowledge.search import Retriever
 
 from .engine.types import ChatTurn
-from .prompt import compose_message
+from .prompt import compose_message, is_chinese
+
+UNCERTAIN_NOTE = {
+    "zh": "说明：根据目前的描述，知识库还不能确定是哪一种疾病，参考资料列出的只是几种可能，请由医生面诊确认。",
+    "en": "Note: from this description the knowledge base cannot tell which disease this is; the references "
+          "list several possibilities only, and a doctor needs to confirm in person.",
+}
+NO_MATCH_NOTE = {
+    "zh": "说明：知识库中没有找到与描述明显相关的疾病资料，以下回答没有资料依据，请由医生面诊确认。",
+    "en": "Note: the knowledge base has no document that clearly matches this description; the answer is not "
+          "grounded in it, and a doctor needs to confirm in person.",
+}
 
 
 @dataclass
@@ -25,6 +36,8 @@ class DesignedPrompt:
     references: list[dict[str, Any]] = field(default_factory=list)
     confident: bool = False
     retrieval_ms: float = 0.0
+    # Shown to the user with the answer when retrieval cannot single out one disease (honest uncertainty).
+    uncertainty_note: str = ""
 
 
 class PromptDesigner:
@@ -55,10 +68,18 @@ class PromptDesigner:
             ref["used_in_prompt"] = used
             ref["sections"] = list(brief.sections) if used and brief is not None else []
             references.append(ref)
+        lang = "zh" if is_chinese(question) else "en"
+        if not result.hits:
+            note = NO_MATCH_NOTE[lang]
+        elif result.confident:
+            note = ""
+        else:
+            note = UNCERTAIN_NOTE[lang]
         return DesignedPrompt(
             message=compose_message(question, brief.text if brief else "", urgent_note),
             keywords=list(result.keywords),
             references=references,
             confident=bool(result.confident),
             retrieval_ms=(time.perf_counter() - started) * 1000,
+            uncertainty_note=note,
         )

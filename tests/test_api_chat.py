@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
 
+from tests.api_support import sse_events
+
 QUESTION = "孩子发烧三天，咳嗽有痰，怎么办？"
-
-
-def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, name, data = [], None, []
-    for line in response.iter_lines():
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif line == "" and name is not None:
-            events.append((name, json.loads("\n".join(data))))
-            name, data = None, []
-    return events
 
 
 def test_chat_returns_text_references_and_chatglm_fields(server) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from .test_api_chat import sse_events
+from tests.api_support import sse_events
 
 EMERGENCY = "我爸突然胸口剧痛，出了一身冷汗，左边胳膊也发麻，怎么办？"
 ORDINARY = "最近有点流鼻涕，打喷嚏，没有发烧，怎么办？"
@@ -61,4 +61,23 @@ def test_openai_stream_shows_advice_and_notice_as_text(server) -> None:
                 if delta.get("content"):
                     contents.append(delta["content"])
     assert "120" in contents[0]
-    assert contents[-1].strip().startswith("本回答由人工智能生成")
+    assert "本回答由人工智能生成" in contents[-1]
+
+
+def test_uncertain_retrieval_says_so_in_the_answer(server) -> None:
+    # Vague complaints do not single out one disease: the answer must say so, not present one as fact.
+    r = httpx.post(server.url + "/chat", json={"prompt": "最近总觉得不太舒服，浑身没劲", "max_new_tokens": 8},
+                   timeout=60)
+    body = r.json()
+    assert body["uncertain"] is True
+    assert "不能确定" in body["response"] or "没有找到" in body["response"]
+    assert body["response"].endswith(body["safety"]["notice"])
+
+
+def test_history_sent_back_loses_our_notes(server) -> None:
+    first = httpx.post(server.url + "/chat", json={"prompt": "最近总觉得不太舒服", "max_new_tokens": 8},
+                       timeout=60).json()
+    second = httpx.post(server.url + "/chat", json={"prompt": "还有点头晕", "history": first["history"],
+                                                    "max_new_tokens": 8}, timeout=60)
+    assert second.status_code == 200
+    assert second.json()["history"][0][1] == first["response"]

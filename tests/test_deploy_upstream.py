@@ -18,22 +18,10 @@ import pytest
 from service.engine.types import GenerationRequest, PromptTooLong, QueueFull, SamplingParams, UpstreamError
 from service.engine.upstream import UpstreamEngine, build_body
 from service.settings import Settings
+from tests.api_support import sse_events
 from tests.server import RunningServer, start_server
 
 QUESTION = "孩子发烧三天，咳嗽有痰，怎么办？"
-
-
-def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, name, data = [], None, []
-    for line in response.iter_lines():
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif line == "" and name is not None:
-            events.append((name, json.loads("\n".join(data))))
-            name, data = None, []
-    return events
 
 
 def audit_records(path: Path) -> list[dict]:

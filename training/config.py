@@ -74,25 +74,6 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> Any:
-    """fp32 on CPU (bf16 matmuls are slow there and fp16 unsupported); bf16, else fp16, on GPU."""
-    import torch
-
-    if dtype == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-
-
 def pick_threads(requested: int = 0) -> int:
     """Set torch's CPU threads. On a shared machine, OpenMP threads that get preempted spin at barriers and
     2 threads ran a forward pass 12x slower than 1 (measured under load ~6 on 2 cores); unloaded, 2 threads

@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, pick_threads, resolve_device, resolve_dtype
+from service.engine.loading import resolve_device, resolve_dtype
+
+from .config import TrainConfig, pick_threads
 from .data import Example
 from .features import Encoded, brief_provider, collate, encode_all
 from .probe import CollapseWatch, run_probe

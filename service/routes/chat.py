@@ -54,11 +54,13 @@ def sse_response(events: AsyncIterator[tuple[str, dict[str, Any]]]) -> EventSour
 
 
 def full_answer(start: ChatStart, text: str) -> str:
-    """What an api.py client shows: emergency advice first, the model's answer, then the notice."""
+    """What an api.py client shows: emergency advice first, the model's answer, the uncertainty note
+    when retrieval could not single out a disease, then the safety notice."""
     parts = []
     if start.safety.get("advice"):
         parts.append(start.safety["advice"])
     parts.append(text.strip())
+    parts.append(start.designed.uncertainty_note)
     if start.safety.get("notice"):
         parts.append(start.safety["notice"])
     return "\n\n".join(p for p in parts if p)
@@ -91,7 +93,7 @@ async def chat(body: ChatRequest, request: Request, runtime: Runtime = Depends(g
     return ChatResponse(
         response=answer, history=history, status=200, time=clock(), id=start.id,
         references=start.designed.references, keywords=start.designed.keywords, usage=done["usage"],
-        finish_reason=done["finish_reason"], safety=start.safety, uncertain=not start.designed.confident,
+        finish_reason=done["finish_reason"], safety=start.safety, uncertain=bool(start.designed.uncertainty_note),
     )
 
 

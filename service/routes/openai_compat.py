@@ -98,9 +98,9 @@ async def _stream(runtime: Runtime, start: Any, model: str, created: int, cid: s
         elif name == "delta":
             yield chunk({"content": payload["text"]})
         elif name == "done":
-            notice = start.safety.get("notice")
-            if notice:
-                yield chunk({"content": "\n\n" + notice})
+            tail = "\n\n".join(p for p in (start.designed.uncertainty_note, start.safety.get("notice")) if p)
+            if tail:
+                yield chunk({"content": "\n\n" + tail})
             yield chunk({}, _finish(payload["finish_reason"]), doctorglm={"finish_reason": payload["finish_reason"]})
             if include_usage:
                 yield {"data": json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
