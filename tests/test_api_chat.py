@@ -77,3 +77,26 @@ def test_health_and_ready(server) -> None:
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(server.url + "/readyz").json()
     assert ready["ready"] is True and ready["diseases"] >= 30
+
+
+def test_non_streaming_client_that_leaves_stops_generation(server) -> None:
+    import json
+    import time
+    import uuid
+
+    rid = f"leave-{uuid.uuid4().hex[:8]}"
+    body = {"prompt": QUESTION, "max_new_tokens": 512, "min_new_tokens": 512}
+    try:
+        httpx.post(server.url + "/chat", json=body, headers={"X-Request-ID": rid}, timeout=0.3)
+    except httpx.TimeoutException:
+        pass  # the client gave up and closed the connection
+    record = None
+    for _ in range(100):
+        records = [json.loads(line) for line in server.audit_path.read_text().splitlines() if rid in line]
+        record = next((r for r in records if r.get("finish_reason")), None)
+        if record:
+            break
+        time.sleep(0.1)
+    assert record is not None, "the chat was never audited"
+    assert record["finish_reason"] == "cancelled"
+    assert record["completion_tokens"] < 512

@@ -238,3 +238,22 @@ def test_remote_code_model_needs_opt_in_then_streams_serially(model_dirs: dict[s
         assert text_a == expected
     finally:
         eng.stop()
+
+
+def test_a_row_reaching_the_position_window_ends_with_length(model_dirs: dict[str, Path]) -> None:
+    loaded = load_model(model_dirs["glm"])
+    eng = LocalEngine(loaded, max_batch_size=4, context_tokens=4096)
+    eng.max_positions = 60  # as if the model's window were 60 positions
+    eng.start()
+    try:
+        params = SamplingParams(max_new_tokens=500, min_new_tokens=500, temperature=0.0)
+
+        async def scenario() -> list[tuple[str, Finished]]:
+            return await asyncio.gather(collect(eng, "头痛", params), collect(eng, "腹泻" * 5, params))
+
+        results = asyncio.run(scenario())
+    finally:
+        eng.stop()
+    for _, done in results:
+        assert done.finish_reason == "length"
+        assert done.prompt_tokens + done.completion_tokens == 60

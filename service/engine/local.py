@@ -91,6 +91,8 @@ class LocalEngine:
         self.repetition_guard = repetition_guard
         self.eos_ids = self._eos_ids()
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        # A row that reaches the model's position window ends with "length" instead of failing the batch.
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         # transformers 5.2x renamed forward's `past_key_values` to `cache`; remote code keeps the old name.
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.batched = self._supports_batched_cache()
@@ -378,7 +380,8 @@ class LocalEngine:
                     return
             holdback = max((len(s) for s in params.stop), default=1) - 1
             self._flush(row, len(text) - holdback)
-            if len(row.out_ids) >= params.max_new_tokens:
+            full = bool(self.max_positions) and len(row.prompt_ids) + len(row.out_ids) >= self.max_positions
+            if len(row.out_ids) >= params.max_new_tokens or full:
                 row.decoder.flush()
                 self._flush(row, len(row.decoder.text))
                 self._finish(row, "length")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +20,7 @@ from ..schemas import CHAT_ERRORS, SSE_CONTENT, ChatRequest, ChatResponse, error
 from .deps import get_runtime, request_id
 
 router = APIRouter(tags=["chat"])
+DISCONNECT_POLL_S = 0.25
 SSE_PING_S = 5
 
 
@@ -66,16 +69,32 @@ def full_answer(start: ChatStart, text: str) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-async def collect(runtime: Runtime, start: ChatStart) -> tuple[str, dict[str, Any]]:
-    """Run a chat to the end; returns (text, done payload) or raises APIError on an error event."""
-    done: dict[str, Any] = {}
-    async for name, payload in run_chat(runtime, start):
-        if name == "error":
-            status = 503 if payload["code"] == "shutting_down" else 500
-            raise APIError(status, payload["code"], payload["message"])
-        if name == "done":
-            done = payload
-    return "".join(start.text), done
+async def collect(runtime: Runtime, start: ChatStart, request: Request | None = None) -> tuple[str, dict[str, Any]]:
+    """Run a chat to the end; returns (text, done payload) or raises APIError on an error event.
+
+    Without streaming no send fails when the client leaves, so the request is polled for a disconnect
+    and generation is cancelled (run_chat's cleanup frees the engine row) instead of running to the end.
+    """
+
+    async def consume() -> tuple[str, dict[str, Any]]:
+        done: dict[str, Any] = {}
+        async for name, payload in run_chat(runtime, start):
+            if name == "error":
+                status = 503 if payload["code"] == "shutting_down" else 500
+                raise APIError(status, payload["code"], payload["message"])
+            if name == "done":
+                done = payload
+        return "".join(start.text), done
+
+    task = asyncio.ensure_future(consume())
+    while request is not None and not task.done():
+        await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise APIError(499, "client_closed", "the client closed the connection")
+    return await task
 
 
 @router.post("/chat", response_model=ChatResponse,
@@ -87,7 +106,7 @@ async def chat(body: ChatRequest, request: Request, runtime: Runtime = Depends(g
     start = await _start(runtime, chat_input, request, key)
     if body.stream:
         return sse_response(run_chat(runtime, start))
-    text, done = await collect(runtime, start)
+    text, done = await collect(runtime, start, request)
     answer = full_answer(start, text)
     history = [*(body.history or []), (body.prompt, answer)]
     return ChatResponse(

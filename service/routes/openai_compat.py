@@ -71,7 +71,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, runtim
         return EventSourceResponse(_stream(runtime, start, model, created, completion_id, include_usage),
                                    ping=SSE_PING_S,
                                    headers={"X-Accel-Buffering": "no"})
-    text, done = await collect(runtime, start)
+    text, done = await collect(runtime, start, request)
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": full_answer(start, text)},
