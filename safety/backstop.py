@@ -32,8 +32,8 @@ from pathlib import Path
 DEFAULT_BACKSTOP_PATH = Path(__file__).resolve().parent / "data" / "triage_backstop.json"
 BACKSTOP_RULE_ID = "backstop"
 # Whether Triage.from_file() loads the packaged backstop when neither its argument nor the
-# environment says otherwise. Off: on blind set probe5 it raised false alarms to 12.5% (2/16), over
-# the 10% goal, although it lifted blind recall (probe5 62.5% -> 90.6%, probe6 75.9% -> 92.6%).
+# environment says otherwise (the service turns it on explicitly). Backstop bs2 on blind probe7:
+# recall 75.0% (rules only) -> 98.2%, false alarms 0/34; see docs/safety.md.
 BACKSTOP_ENABLED_BY_DEFAULT = False
 # The setting: "1"/"true"/"on" = the packaged backstop, "0"/"false"/"off" = rules only, else a weights path.
 BACKSTOP_ENV = "DOCTORGLM_TRIAGE_BACKSTOP"

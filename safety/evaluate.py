@@ -44,11 +44,27 @@ EVAL_SETS = (
         "tuned",
         "first run blind (rules 2025.06-2): recall 58.1%, false alarms 6.2%; then used to broaden rules",
     ),
-    EvalSet(DATA_DIR / "triage_probe5.jsonl", "blind", "written after rules 2025.06-3; never tuned on"),
+    EvalSet(
+        DATA_DIR / "triage_train_extra.jsonl",
+        "tuned",
+        "backstop training set (bs2): emergencies in many indirect wordings and benign look-alikes of each condition",
+    ),
+    EvalSet(
+        DATA_DIR / "triage_probe5.jsonl",
+        "blind",
+        "written after rules 2025.06-3; never tuned on, but its miss families informed triage_train_extra",
+    ),
     EvalSet(
         DATA_DIR / "triage_probe6.jsonl",
         "blind",
-        "written after rules 2025.06-3, before the learned backstop existed; never tuned on",
+        "written before the learned backstop existed; never tuned on, but its miss families informed "
+        "triage_train_extra",
+    ),
+    EvalSet(
+        DATA_DIR / "triage_probe7.jsonl",
+        "blind",
+        "written before triage_train_extra and backstop bs2; first run (rules 2025.06-3 + backstop bs1): "
+        "rules only 75.0% / 0.0%, rules+backstop recall 89.3%, false alarms 5.9%; never tuned on",
     ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.

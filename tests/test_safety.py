@@ -333,12 +333,41 @@ def test_eval_sets_are_disjoint() -> None:
         seen |= texts
 
 
+# Tuned sets written to train the backstop, not the rules: their recall goal holds for the serving
+# configuration (rules + backstop), not for the rules alone.
+BACKSTOP_TRAINING_ONLY = {"triage_train_extra.jsonl"}
+
+
 def test_every_set_keeps_false_alarms_within_goal(triage: Triage) -> None:
+    serving = Triage.from_file(backstop=True)
     for es in EVAL_SETS:
-        report = evaluate(triage, load_cases(es.path))
+        cases = load_cases(es.path)
+        report = evaluate(triage, cases)
         assert report.false_alarm_rate <= 0.10, es.path.name
         if es.kind == "tuned":  # blind sets are reported, never asserted (that would invite tuning)
-            assert report.recall >= 0.95, es.path.name
+            both = evaluate(serving, cases)
+            assert both.false_alarm_rate <= 0.10, es.path.name
+            assert (both if es.path.name in BACKSTOP_TRAINING_ONLY else report).recall >= 0.95, es.path.name
+
+
+def test_probe7_and_backstop_training_set_shape(triage: Triage) -> None:
+    kinds = {es.path.name: es.kind for es in EVAL_SETS}
+    assert kinds["triage_probe7.jsonl"] == "blind" and kinds["triage_train_extra.jsonl"] == "tuned"
+    probe7 = _set("triage_probe7.jsonl")
+    assert len(probe7) >= 80 and sum(c.emergency for c in probe7) >= 50
+    assert sum(not c.emergency for c in probe7) >= 30
+    assert {c.rule for c in probe7 if c.emergency} == set(triage.rule_ids)
+    assert {c.lang for c in probe7} == {"zh", "en"}
+    extra = _set("triage_train_extra.jsonl")
+    pos = sum(c.emergency for c in extra)
+    assert len(extra) >= 250 and 0.4 <= pos / len(extra) <= 0.6
+    assert {c.rule for c in extra if c.emergency} == set(triage.rule_ids)
+    assert {c.lang for c in extra} == {"zh", "en"}
+
+
+def test_remote_teenage_history_does_not_fire(triage: Triage) -> None:
+    assert not triage.assess("I had suicidal thoughts when I was a teenager, I'm well now").is_emergency
+    assert triage.assess("I have suicidal thoughts and I'm planning to end it tonight").is_emergency
 
 
 @pytest.mark.parametrize(
@@ -418,7 +447,8 @@ def test_backstop_loads_and_was_trained_on_tuned_sets_only(with_backstop: Triage
     tuned = {es.path.name for es in EVAL_SETS if es.kind == "tuned"}
     blind = {es.path.name for es in EVAL_SETS if es.kind == "blind"}
     assert set(meta["training_sets"]) == tuned and not set(meta["training_sets"]) & blind
-    assert {"triage_probe5.jsonl", "triage_probe6.jsonl"} <= blind
+    assert {"triage_probe5.jsonl", "triage_probe6.jsonl", "triage_probe7.jsonl"} <= blind
+    assert "triage_train_extra.jsonl" in meta["training_sets"]
 
 
 def test_backstop_off_by_default_and_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
