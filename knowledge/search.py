@@ -401,18 +401,19 @@ class Retriever:
             cached = self._coverage_postings(term)
             if cached is None:  # only symptom words are complaints to explain
                 continue
-            rows, unit, idf = cached
+            rows, unit, idf, distinct = cached
             total += w * idf
             idx.append(rows)
             vals.append(unit * (w * idf))
-            hit_rows.append(np.unique(rows))
+            hit_rows.append(distinct)
         if not idx:
             return np.zeros(self.size), np.zeros(self.size), 0
         cov = np.bincount(np.concatenate(idx), weights=np.concatenate(vals), minlength=self.size) / total
         return cov, np.bincount(np.concatenate(hit_rows), minlength=self.size), len(hit_rows)
 
-    def _coverage_postings(self, term: str) -> tuple[np.ndarray, np.ndarray, float] | None:
-        """(rows, share per row, idf) of a symptom word, cached; None for a word no symptom list has."""
+    def _coverage_postings(self, term: str) -> tuple[np.ndarray, np.ndarray, float, np.ndarray] | None:
+        """(rows, share per row, idf, distinct rows) of a symptom word, cached; None for a word no symptom
+        list has."""
         if term in self._coverage_cache:
             return self._coverage_cache[term]
         out = None
@@ -424,7 +425,8 @@ class Retriever:
                 post = self._postings(fname, term)
                 rows.append(post)
                 unit.append(np.full(len(post), share))
-            out = (np.concatenate(rows), np.concatenate(unit), idf)
+            merged = np.concatenate(rows)
+            out = (merged, np.concatenate(unit), idf, np.unique(merged))
         if len(self._coverage_cache) < 50_000:
             self._coverage_cache[term] = out
         return out
