@@ -9,7 +9,7 @@ import time
 
 from .middleware import request_id_var
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,3 +39,5 @@ def configure_logging(level: str = "INFO") -> None:
     # Access logs carry no patient text (bodies are not logged), only method, path and status.
     logging.getLogger("uvicorn.access").handlers[:] = []
     logging.getLogger("uvicorn.access").propagate = True
+    # bm25s logs every index build step at DEBUG on its own logger.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)

@@ -46,7 +46,8 @@ def shared_dialogues() -> Path | None:
 
 
 def build_base(model_dir: Path, text_files: list[Path]) -> Path:
-    """Tokenizer (vocab 4,096: half the output-layer cost of 8,192, so more steps fit the budget) on the project text + the dialogues, then the tiny GLM, randomly initialised."""
+    """Tokenizer (vocab 4,096: half the output-layer cost of 8,192, so more steps fit the budget) on the
+    project text + the dialogues, then the tiny GLM, randomly initialised."""
     from service.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
 
     files = local_corpus_files() + [p for p in text_files if p not in local_corpus_files()]
