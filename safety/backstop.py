@@ -34,7 +34,7 @@ BACKSTOP_RULE_ID = "backstop"
 # Whether Triage.from_file() loads the packaged backstop when neither its argument nor the
 # environment says otherwise (the service turns it on explicitly). Backstop bs2 on blind probe7:
 # recall 75.0% (rules only) -> 98.2%, false alarms 0/34; see docs/safety.md.
-BACKSTOP_ENABLED_BY_DEFAULT = False
+BACKSTOP_ENABLED_BY_DEFAULT = True  # blind sets: recall 72% -> 98% at <= 6% false alarms (docs/safety.md)
 # The setting: "1"/"true"/"on" = the packaged backstop, "0"/"false"/"off" = rules only, else a weights path.
 BACKSTOP_ENV = "DOCTORGLM_TRIAGE_BACKSTOP"
 FORMAT = 1

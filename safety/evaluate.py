@@ -50,6 +50,12 @@ EVAL_SETS = (
         "backstop training set (bs2): emergencies in many indirect wordings and benign look-alikes of each condition",
     ),
     EvalSet(
+        DATA_DIR / "triage_train_benign.jsonl",
+        "tuned",
+        "backstop training set (bs3): 80 common benign outpatient complaints (short texts, rashes, chills with a mild "
+        "fever, sweating after exercise...); bs2 flagged 10 of them",
+    ),
+    EvalSet(
         DATA_DIR / "triage_probe5.jsonl",
         "blind",
         "written after rules 2025.06-3; never tuned on, but its miss families informed triage_train_extra",
@@ -65,6 +71,12 @@ EVAL_SETS = (
         "blind",
         "written before triage_train_extra and backstop bs2; first run (rules 2025.06-3 + backstop bs1): "
         "rules only 75.0% / 0.0%, rules+backstop recall 89.3%, false alarms 5.9%; never tuned on",
+    ),
+    EvalSet(
+        DATA_DIR / "triage_benign_blind.jsonl",
+        "blind",
+        "60 common benign complaints written before backstop bs3; first run: rules 0/60, rules+backstop bs2 4/60 "
+        "false alarms (6.7%); never tuned on",
     ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.

@@ -111,7 +111,7 @@ class Triage:
 
         ``backstop``: True = the packaged learned backstop (safety/data/triage_backstop.json),
         False = rules only, a path = that weights file, None = the ``DOCTORGLM_TRIAGE_BACKSTOP``
-        environment setting (1/0/a path), else ``BACKSTOP_ENABLED_BY_DEFAULT`` (off).
+        environment setting (1/0/a path), else ``BACKSTOP_ENABLED_BY_DEFAULT`` (on).
         """
         ruleset = load_ruleset(Path(path) if path is not None else DEFAULT_RULES_PATH)
         weights = backstop_setting(backstop)
