@@ -52,7 +52,6 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1)
     max_queue: int = Field(64, ge=1)
     repetition_guard: bool = True
-    request_timeout_s: float = Field(300.0, gt=0)
 
     # --- server ---
     host: str = "127.0.0.1"
@@ -63,7 +62,6 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     max_body_bytes: int = Field(1_000_000, ge=1024)
     drain_grace_s: float = Field(10.0, ge=0)
-    log_text: bool = False
     audit_text: bool = False
     audit_log: Path | None = None
     safety_notice: str = DEFAULT_SAFETY_NOTICE
