@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import logging
 import random
@@ -147,7 +148,9 @@ class LocalEngine:
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            # The event loop may already be closed at shutdown; nobody is listening then.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, event)
 
         seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
         row = _Row(request=request, prompt_ids=ids, emit=emit,
