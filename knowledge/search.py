@@ -153,7 +153,7 @@ class Retriever:
         self._prior_cache: dict[tuple[bool, bool, str | None], np.ndarray] = {}
         self._match_texts: dict[int, dict[str, str]] = {}  # row -> normalised sections, for _hit
         self._scan_vocab: frozenset[str] | None = None
-        self._scan_firsts: frozenset[str] = frozenset()
+        self._scan_prefixes: frozenset[str] = frozenset()
         self._symptom_entry = np.array([self._df("symptoms", normalise(strip_age(n))) >= self.settings.symptom_entry_df
                                         for n in m.names], dtype=bool)
 
@@ -226,7 +226,9 @@ class Retriever:
             self._scan_vocab = frozenset(
                 t for t, i in model.vocab_dict.items()
                 if 2 <= len(t) <= s.scan_max_len and ip[i + 1] - ip[i] >= s.scan_min_df and is_content(t))
-            self._scan_firsts = frozenset(t[0] for t in self._scan_vocab)
+            # Every proper prefix of a vocabulary word: the scan stops extending a substring at once
+            # when no word starts with it.
+            self._scan_prefixes = frozenset(t[:n] for t in self._scan_vocab for n in range(1, len(t)))
         return self._scan_vocab
 
     def scan_symptoms(self, text: str, negated: Sequence[str] = ()) -> list[str]:
@@ -235,7 +237,7 @@ class Retriever:
         compound or lay phrase that the tokenizer splits still reaches the symptom lists. Negated
         words are blanked first."""
         vocab, top = self._symptom_vocab(), self.settings.scan_max_len
-        firsts = self._scan_firsts
+        prefixes = self._scan_prefixes
         text = normalise(text)
         for t in sorted(negated, key=len, reverse=True):
             text = text.replace(t, "|")
@@ -243,11 +245,12 @@ class Retriever:
         for variant in (text, clinical_rewrite(text)):
             n = len(variant)
             for i in range(n - 1):
-                if variant[i] not in firsts:
-                    continue
                 for j in range(i + 2, min(i + top, n) + 1):
-                    if variant[i:j] in vocab:
-                        found[variant[i:j]] = None
+                    piece = variant[i:j]
+                    if piece in vocab:
+                        found[piece] = None
+                    if piece not in prefixes:
+                        break
         return list(found)
 
     # -- query side -------------------------------------------------------------------------------

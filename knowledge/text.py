@@ -106,6 +106,7 @@ def clean_term(term: str) -> str:
     return normalise(term)
 
 
+@lru_cache(maxsize=200_000)
 def is_content(token: str) -> bool:
     """A token worth searching for: not punctuation, stopword, generic word or a bare number."""
     if len(token) < 1 or not _WORDISH.search(token):
