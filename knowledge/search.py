@@ -254,10 +254,6 @@ class Retriever:
         return list(found)
 
     # -- query side -------------------------------------------------------------------------------
-    def _weighted_terms(self, query: str, history: Sequence[str]) -> tuple[Counter[str], QueryTerms]:
-        weights, current, _ = self._query(query, history)
-        return weights, current
-
     def _query(self, query: str, history: Sequence[str]) -> tuple[Counter[str], QueryTerms, dict[str, float]]:
         """Weighted search words, the current turn's terms and the disease names the patient wrote."""
         s = self.settings

@@ -8,6 +8,7 @@ meta / delta / done / error events and records metrics and the audit record, wha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -102,7 +103,7 @@ async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id:
                 raise APIError(422, "prompt_too_long",
                                f"the prompt is {len(prompt_ids)} tokens, not under max_length {chat.max_length}")
             if room < request.params.max_new_tokens:
-                request.params = SamplingParams(**{**request.params.__dict__, "max_new_tokens": room})
+                request.params = dataclasses.replace(request.params, max_new_tokens=room)
         handle = runtime.engine.submit(request, prompt_ids)
         opener = getattr(handle, "open", None)
         if opener is not None:  # engines that connect elsewhere fail here, before any byte is streamed

@@ -6,11 +6,12 @@ A pure function of the question, the history and the index (plus the safety asse
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from knowledge.brief import write_brief, write_candidates
-from knowledge.search import Retriever
+from knowledge.brief import Brief, write_brief, write_candidates
+from knowledge.search import Retriever, SearchResult
 
 from .engine.types import ChatTurn
 from .prompt import compose_message, is_chinese
@@ -46,20 +47,26 @@ class PromptDesigner:
         self.brief_chars = brief_chars
         self.k = k
 
+    def brief(self, question: str, history: Sequence[str] = ()) -> tuple[SearchResult, Brief | None]:
+        """Retrieval and the brief for the prompt; training calls this too, so it learns the served prompt.
+
+        One disease when it is clearly ahead; otherwise the question is uncertain and the brief lists the
+        candidates.
+        """
+        result = self.retriever.search(question, history=history, k=self.k)
+        if not result.hits:
+            return result, None
+        if result.confident:
+            return result, write_brief(result.hits[0].disease, self.brief_chars)
+        return result, write_candidates(result.hits, self.brief_chars)
+
     def design(self, question: str, history: list[ChatTurn] | None = None, *, use_knowledge: bool = True,
                urgent_note: str = "") -> DesignedPrompt:
         history = history or []
         if not use_knowledge:
             return DesignedPrompt(message=compose_message(question, "", urgent_note))
         started = time.perf_counter()
-        result = self.retriever.search(question, history=[t.user for t in history], k=self.k)
-        if not result.hits:
-            brief = None
-        elif result.confident:
-            brief = write_brief(result.hits[0].disease, self.brief_chars)
-        else:
-            # Not clearly ahead: say the question is uncertain and list the candidates briefly.
-            brief = write_candidates(result.hits, self.brief_chars)
+        result, brief = self.brief(question, [t.user for t in history])
         references = []
         for rank, hit in enumerate(result.hits):
             ref = hit.to_dict()

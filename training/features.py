@@ -69,8 +69,8 @@ def brief_provider(knowledge_path: Path | None, cache_dir: Path, brief_chars: in
     Returns None (and logs why) when the knowledge package cannot be used, so training goes on without briefs.
     """
     try:
-        from knowledge.brief import write_brief
         from knowledge.search import Retriever
+        from service.designer import PromptDesigner
         from service.settings import SAMPLE_LIBRARY
 
         retriever = Retriever.load_or_build(Path(knowledge_path or SAMPLE_LIBRARY), cache_dir / "index",
@@ -78,13 +78,16 @@ def brief_provider(knowledge_path: Path | None, cache_dir: Path, brief_chars: in
     except Exception as exc:  # optional feature: report and go on
         log.warning("no briefs: the knowledge index could not be loaded (%s)", exc)
         return None
+    # The serving designer decides the brief (one disease, or the uncertain candidate list), so the model
+    # is trained on the prompts it will be served.
+    designer = PromptDesigner(retriever, brief_chars=brief_chars)
 
     def brief(question: str) -> str:
         try:
-            hits = retriever.search(question, k=1).hits
-            return write_brief(hits[0].disease, brief_chars).text if hits else ""
+            chosen = designer.brief(question)[1]
+            return chosen.text if chosen is not None else ""
         except Exception as exc:
-            log.debug("brief failed for %r: %s", question[:40], exc)
+            log.debug("brief failed: %s", type(exc).__name__)
             return ""
 
     return brief

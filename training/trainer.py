@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -132,9 +131,9 @@ def load_weights(model: Any, path: Path, cfg: TrainConfig) -> None:
 
 def cache_dir() -> Path:
     """The service's cache (DOCTORGLM_CACHE_DIR, default .cache): the knowledge index is shared with it."""
-    from service.settings import REPO_ROOT
+    from service.settings import Settings
 
-    return Path(os.environ.get("DOCTORGLM_CACHE_DIR") or REPO_ROOT / ".cache")
+    return Settings().cache_dir
 
 
 class Trainer:

@@ -131,9 +131,6 @@ class LocalEngine:
     def stats(self) -> dict[str, int]:
         return {"active": len(self._rows), "queued": len(self._waiting)}
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def prepare(self, request: GenerationRequest) -> list[int]:
         """Prompt ids within the budget (raises PromptTooLong for a message too long on its own)."""
         budget = self.context_tokens - request.params.max_new_tokens

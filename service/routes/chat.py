@@ -56,17 +56,20 @@ def sse_response(events: AsyncIterator[tuple[str, dict[str, Any]]]) -> EventSour
     return EventSourceResponse(encode(), ping=SSE_PING_S, headers={"X-Accel-Buffering": "no"})
 
 
+def answer_head(start: ChatStart) -> str:
+    """Text shown before the model's answer: the emergency advice, if any."""
+    return start.safety.get("advice") or ""
+
+
+def answer_tail(start: ChatStart) -> str:
+    """Text shown after the model's answer: the uncertainty note when retrieval could not single out a
+    disease, then the safety notice."""
+    return "\n\n".join(p for p in (start.designed.uncertainty_note, start.safety.get("notice")) if p)
+
+
 def full_answer(start: ChatStart, text: str) -> str:
-    """What an api.py client shows: emergency advice first, the model's answer, the uncertainty note
-    when retrieval could not single out a disease, then the safety notice."""
-    parts = []
-    if start.safety.get("advice"):
-        parts.append(start.safety["advice"])
-    parts.append(text.strip())
-    parts.append(start.designed.uncertainty_note)
-    if start.safety.get("notice"):
-        parts.append(start.safety["notice"])
-    return "\n\n".join(p for p in parts if p)
+    """What an api.py client shows: head, the model's answer, tail."""
+    return "\n\n".join(p for p in (answer_head(start), text.strip(), answer_tail(start)) if p)
 
 
 async def collect(runtime: Runtime, start: ChatStart, request: Request | None = None) -> tuple[str, dict[str, Any]]:

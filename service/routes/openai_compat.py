@@ -20,7 +20,7 @@ from ..engine.types import ChatTurn, SamplingParams
 from ..errors import APIError
 from ..runtime import Runtime
 from ..schemas import CHAT_ERRORS, SSE_CONTENT, ChatCompletionRequest, error_responses
-from .chat import SSE_PING_S, _start, collect, full_answer
+from .chat import SSE_PING_S, _start, answer_head, answer_tail, collect, full_answer
 from .deps import get_runtime
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -93,13 +93,12 @@ async def _stream(runtime: Runtime, start: Any, model: str, created: int, cid: s
     async for name, payload in run_chat(runtime, start):
         if name == "meta":
             yield chunk({"role": "assistant", "content": ""}, doctorglm=payload)
-            if start.safety.get("advice"):
-                yield chunk({"content": start.safety["advice"] + "\n\n"})
+            if head := answer_head(start):
+                yield chunk({"content": head + "\n\n"})
         elif name == "delta":
             yield chunk({"content": payload["text"]})
         elif name == "done":
-            tail = "\n\n".join(p for p in (start.designed.uncertainty_note, start.safety.get("notice")) if p)
-            if tail:
+            if tail := answer_tail(start):
                 yield chunk({"content": "\n\n" + tail})
             yield chunk({}, _finish(payload["finish_reason"]), doctorglm={"finish_reason": payload["finish_reason"]})
             if include_usage:
