@@ -38,6 +38,12 @@ def same_topk(a: np.ndarray, b: np.ndarray, scores: np.ndarray, k: int) -> bool:
     return bool(np.allclose(sa, sb, rtol=1e-6, atol=1e-9))
 
 
+def _timed(fn, q):  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    out = fn(q)
+    return out, (time.perf_counter() - t) * 1000
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--library", default=str(ROOT.parent / "shared/data/diseases.jsonl"))
@@ -45,6 +51,7 @@ def main() -> int:
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache/knowledge"))
     parser.add_argument("--queries", type=int, default=250, help="queries timed (rank-bm25 ~0.15 s each)")
     parser.add_argument("-k", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the queries per method")
     parser.add_argument("--out", default=str(ROOT / "bench/results/retrieval.json"))
     args = parser.parse_args()
 
@@ -59,39 +66,55 @@ def main() -> int:
     okapi = BM25Okapi(corpus, k1=settings.k1, b=settings.b, epsilon=0)
     okapi_build_s = time.perf_counter() - t0
 
-    for q in queries[:20]:  # warm caches of both sides
-        retriever.search(q)
-    ours, plain, ref, matches = [], [], [], 0
-    for q in queries:
-        t = time.perf_counter()
+    def ours(q: str) -> None:
         retriever.search(q, k=args.k)
-        ours.append((time.perf_counter() - t) * 1000)
-        t = time.perf_counter()
-        tokens = retriever.plain_tokens(q)
-        fast_scores = retriever.plain_scores(tokens)
-        fast = _top(fast_scores, args.k)
-        plain.append((time.perf_counter() - t) * 1000)
-        t = time.perf_counter()
-        tokens = retriever.plain_tokens(q)
-        ref_scores = okapi.get_scores(tokens)
-        slow = np.argsort(-ref_scores, kind="stable")[: args.k]
-        ref.append((time.perf_counter() - t) * 1000)
-        matches += same_topk(fast, slow, ref_scores, args.k)
 
-    rows = {"this project (fielded + priors, full search)": percentiles(ours),
-            "this project plain BM25 fast path (bm25s)": percentiles(plain),
-            "rank-bm25 BM25Okapi (epsilon=0)": percentiles(ref)}
+    def fast(q: str) -> np.ndarray:
+        return _top(retriever.plain_scores(retriever.plain_tokens(q)), args.k)
+
+    def reference(q: str) -> np.ndarray:
+        return okapi.get_scores(retriever.plain_tokens(q))
+
+    for q in queries[:20]:  # warm-up of every method
+        ours(q), fast(q), reference(q)
+    # Each method runs over all queries in its own pass (standard practice: the CPU caches hold that
+    # method's data, as in a service that is only searching), passes alternated over rounds so drift on
+    # a noisy machine hits every method. A fourth row times the full search right after each rank-bm25
+    # query, whose ~50 MB of per-document dicts evict the CPU caches: the pessimistic, cold-cache case.
+    samples: dict[str, list[float]] = {"ours": [], "plain": [], "ref": [], "cold": []}
+    matches = 0
+    for round_no in range(args.rounds):
+        order = ["ours", "plain", "ref"] if round_no % 2 == 0 else ["ref", "plain", "ours"]
+        for method in order:
+            for q in queries:
+                if method == "ours":
+                    samples["ours"].append(_timed(ours, q)[1])
+                elif method == "plain":
+                    samples["plain"].append(_timed(fast, q)[1])
+                else:
+                    ref_scores, ms = _timed(reference, q)
+                    samples["ref"].append(ms)
+                    samples["cold"].append(_timed(ours, q)[1])
+                    if round_no == 0:
+                        slow = np.argsort(-ref_scores, kind="stable")[: args.k]
+                        matches += same_topk(fast(q), slow, ref_scores, args.k)
+
+    rows = {"this project (fielded + priors, full search)": percentiles(samples["ours"]),
+            "this project plain BM25 fast path (bm25s)": percentiles(samples["plain"]),
+            "rank-bm25 BM25Okapi (epsilon=0)": percentiles(samples["ref"]),
+            "full search, right after each rank-bm25 query (cold caches)": percentiles(samples["cold"])}
     ref_p = rows["rank-bm25 BM25Okapi (epsilon=0)"]
-    print(f"library: {retriever.size} diseases, {len(queries)} queries, k={args.k}, "
+    print(f"library: {retriever.size} diseases, {len(queries)} queries x {args.rounds} rounds, k={args.k}, "
           f"index load {load_s:.2f}s, rank-bm25 build {okapi_build_s:.1f}s")
-    print(f"{'method':48s} {'p50 ms':>8s} {'p99 ms':>8s} {'p50 ratio':>10s} {'p99 ratio':>10s}")
+    print(f"{'method':60s} {'p50 ms':>8s} {'p99 ms':>8s} {'p50 ratio':>10s} {'p99 ratio':>10s}")
     for name, p in rows.items():
         p["p50_speedup_vs_rank_bm25"] = ref_p["p50_ms"] / p["p50_ms"]
         p["p99_speedup_vs_rank_bm25"] = ref_p["p99_ms"] / p["p99_ms"]
-        print(f"{name:48s} {p['p50_ms']:8.2f} {p['p99_ms']:8.2f} "
+        print(f"{name:60s} {p['p50_ms']:8.2f} {p['p99_ms']:8.2f} "
               f"{p['p50_speedup_vs_rank_bm25']:9.0f}x {p['p99_speedup_vs_rank_bm25']:9.0f}x")
     print(f"plain fast path top-{args.k} == rank-bm25 top-{args.k}: {matches}/{len(queries)} queries")
-    result = {"library": str(args.library), "documents": retriever.size, "queries": len(queries), "k": args.k,
+    result = {"library": str(args.library), "documents": retriever.size, "queries": len(queries),
+              "rounds": args.rounds, "k": args.k,
               "index_load_s": load_s, "rank_bm25_build_s": okapi_build_s, "rows": rows,
               "topk_match": {"matched": matches, "total": len(queries)},
               "machine": {"python": platform.python_version(), "platform": platform.platform()}}

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from knowledge.schema import Disease, LibraryError, load_library
 from knowledge.text import DATA_DIR, TextProcessor, clean_term, cue_words, normalise
 
-INDEX_VERSION = 7  # bump when the on-disk layout or the tokenisation code changes
+INDEX_VERSION = 8  # bump when the on-disk layout or the tokenisation code changes
 FIELDS = ("name", "symptoms", "prose", "all")  # "all" is the plain-BM25 single field
 # Word lists that change document tokens or flags (lay_terms.json is query-side only).
 INDEX_DATA_FILES = ("stopwords.txt", "generic_words.txt", "cue_words.json")

@@ -10,6 +10,7 @@ BM25 (equal to rank-bm25 BM25Okapi with epsilon=0), kept for benchmarks and as a
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import Counter
@@ -17,10 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ahocorasick
 import bm25s
 import numpy as np
 
 from knowledge.evaluate import strip_age
+from knowledge.evidence import EvidenceTable, EvidenceWeights
 from knowledge.index import IndexSettings, LibraryIndex
 from knowledge.schema import Disease
 from knowledge.text import (
@@ -141,19 +144,20 @@ class Retriever:
         self._user_words = set(index.text.user_words)
         self._keep_cache: dict[str, bool] = {}
         self._spec_cache: dict[str, float] = {}
+        self._weight_cache: dict[str, float | None] = {}
         self._name_rows: dict[str, list[int]] = {}
         for row, (name, aliases) in enumerate(zip(m.names, m.aliases, strict=True)):
             for n in dict.fromkeys(normalise(x.strip()) for x in (name, *aliases)):
                 if len(n) >= 2:
                     self._name_rows.setdefault(n, []).append(row)
-        # term -> (rows, fielded BM25 contribution at query weight 1): the name, symptom and prose postings
-        # merged into one weighted posting list, so a query is one concatenate + one bincount.
-        self._merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._coverage_cache: dict[str, tuple[np.ndarray, np.ndarray, float] | None] = {}
+        st = self.settings
+        self._evidence = EvidenceTable(index.fields, index.size, EvidenceWeights(
+            st.w_name, st.w_symptoms, st.w_prose, st.name_symptom_df, st.coverage_symptom_share))
         self._prior_cache: dict[tuple[bool, bool, str | None], np.ndarray] = {}
-        self._match_texts: dict[int, dict[str, str]] = {}  # row -> normalised sections, for _hit
+        # row -> the normalised sections of _MATCH_FIELDS joined by NUL, and where each section starts
+        self._match_texts: dict[int, tuple[str, list[int]]] = {}
         self._scan_vocab: frozenset[str] | None = None
-        self._scan_prefixes: frozenset[str] = frozenset()
+        self._scan_matcher: ahocorasick.Automaton | None = None
         self._symptom_entry = np.array([self._df("symptoms", normalise(strip_age(n))) >= self.settings.symptom_entry_df
                                         for n in m.names], dtype=bool)
 
@@ -182,6 +186,16 @@ class Retriever:
             if len(self._keep_cache) < 100_000:
                 self._keep_cache[term] = kept
         return kept
+
+    def _search_weight(self, term: str) -> float | None:
+        """None for a word the generic-word filter drops, else its specificity (cached per word)."""
+        try:
+            return self._weight_cache[term]
+        except KeyError:
+            weight = self._specificity(term) if self._keep(term) else None
+            if len(self._weight_cache) < 100_000:
+                self._weight_cache[term] = weight
+            return weight
 
     def _specificity(self, term: str) -> float:
         """Weight in [0, 1] of a kept query word by how medical the library's use of it is."""
@@ -226,31 +240,27 @@ class Retriever:
             self._scan_vocab = frozenset(
                 t for t, i in model.vocab_dict.items()
                 if 2 <= len(t) <= s.scan_max_len and ip[i + 1] - ip[i] >= s.scan_min_df and is_content(t))
-            # Every proper prefix of a vocabulary word: the scan stops extending a substring at once
-            # when no word starts with it.
-            self._scan_prefixes = frozenset(t[:n] for t in self._scan_vocab for n in range(1, len(t)))
         return self._scan_vocab
+
+    def _symptom_matcher(self) -> ahocorasick.Automaton:
+        """An Aho-Corasick automaton over the symptom vocabulary: every occurrence in one pass."""
+        if self._scan_matcher is None:
+            self._scan_matcher = _automaton(sorted(self._symptom_vocab()))
+        return self._scan_matcher
 
     def scan_symptoms(self, text: str, negated: Sequence[str] = ()) -> list[str]:
         """Library symptom words contained in the complaint, as written and with everyday body-part
         and pain words made clinical (流清鼻涕 -> 鼻涕, 胸口剧痛 -> 胸痛, 脚底有红点 -> 足底, 皮疹), so a
         compound or lay phrase that the tokenizer splits still reaches the symptom lists. Negated
         words are blanked first."""
-        vocab, top = self._symptom_vocab(), self.settings.scan_max_len
-        prefixes = self._scan_prefixes
+        matcher = self._symptom_matcher()
         text = normalise(text)
         for t in sorted(negated, key=len, reverse=True):
             text = text.replace(t, "|")
         found: dict[str, None] = {}
         for variant in (text, clinical_rewrite(text)):
-            n = len(variant)
-            for i in range(n - 1):
-                for j in range(i + 2, min(i + top, n) + 1):
-                    piece = variant[i:j]
-                    if piece in vocab:
-                        found[piece] = None
-                    if piece not in prefixes:
-                        break
+            for _, word in matcher.iter(variant):  # in order of where each word ends
+                found[word] = None
         return list(found)
 
     # -- query side -------------------------------------------------------------------------------
@@ -269,8 +279,9 @@ class Retriever:
             for group, factor in ((qt.terms, 1.0), (qt.subterms, s.subword_weight)):
                 for term, n in Counter(group).items():
                     tw = w * factor * (1 + 0.5 * math.log(n))
-                    if self._keep(term):
-                        weights[term] += tw * self._specificity(term)
+                    specificity = self._search_weight(term)
+                    if specificity is not None:
+                        weights[term] += tw * specificity
                     if factor == 1.0 and term in self._name_rows:
                         named[term] = max(named.get(term, 0.0), w)
                     for clinical in lay.get(term, ()):
@@ -285,15 +296,17 @@ class Retriever:
                         named.pop(t, None)
         return Counter({t: v for t, v in weights.items() if v > 0}), current, named
 
-    def _name_bonus(self, named: dict[str, float]) -> np.ndarray | None:
+    def _name_bonus(self, named: dict[str, float]) -> dict[int, float]:
+        """Row -> evidence for the disease names the patient wrote (the largest, when several)."""
         s = self.settings
-        if not s.w_name_exact or not named:
-            return None
-        bonus = np.zeros(self.size)
+        bonus: dict[int, float] = {}
+        if not s.w_name_exact:
+            return bonus
         for term, w in named.items():
-            size = 1.0 if len(term) >= 3 else s.name_exact_short
-            rows = [r for r in self._name_rows[term] if not self._symptom_entry[r]]
-            bonus[rows] = np.maximum(bonus[rows], s.w_name_exact * size * w)
+            value = s.w_name_exact * (1.0 if len(term) >= 3 else s.name_exact_short) * w
+            for r in self._name_rows[term]:
+                if not self._symptom_entry[r] and value > bonus.get(r, 0.0):
+                    bonus[r] = value
         return bonus
 
     def _field_scores(self, fname: str, weights: dict[str, float]) -> np.ndarray:
@@ -308,40 +321,6 @@ class Retriever:
             a, b = indptr[tid], indptr[tid + 1]
             idx.append(indices[a:b])
             vals.append(data[a:b] * w if w != 1 else data[a:b])
-        if not idx:
-            return np.zeros(self.size)
-        return np.bincount(np.concatenate(idx), weights=np.concatenate(vals), minlength=self.size)
-
-    def _merged_postings(self, term: str) -> tuple[np.ndarray, np.ndarray]:
-        cached = self._merged.get(term)
-        if cached is None:
-            s = self.settings
-            # A word listed as a symptom of many diseases says little when it appears in a name.
-            w_name = s.w_name / (1 + self._df("symptoms", term) / s.name_symptom_df)
-            idx, vals = [], []
-            for fname, w in (("name", w_name), ("symptoms", s.w_symptoms), ("prose", s.w_prose)):
-                model = self.index.fields[fname]
-                tid = model.vocab_dict.get(term)
-                if tid is None or w == 0:
-                    continue
-                ip = model.scores["indptr"]
-                a, b = ip[tid], ip[tid + 1]
-                idx.append(model.scores["indices"][a:b])
-                vals.append(model.scores["data"][a:b].astype(np.float64) * w)
-            cached = ((np.concatenate(idx), np.concatenate(vals)) if idx
-                      else (np.zeros(0, dtype=np.int32), np.zeros(0)))
-            if len(self._merged) < 50_000:
-                self._merged[term] = cached
-        return cached
-
-    def _fielded_scores(self, weights: dict[str, float]) -> np.ndarray:
-        """Weighted name/aliases + symptoms + prose BM25 in one pass over merged postings."""
-        idx, vals = [], []
-        for term, w in weights.items():
-            rows, contrib = self._merged_postings(term)
-            if len(rows) and w:
-                idx.append(rows)
-                vals.append(contrib * w)
         if not idx:
             return np.zeros(self.size)
         return np.bincount(np.concatenate(idx), weights=np.concatenate(vals), minlength=self.size)
@@ -389,47 +368,6 @@ class Retriever:
         ip = model.scores["indptr"]
         return model.scores["indices"][ip[tid]:ip[tid + 1]]
 
-    def _coverage(self, weights: dict[str, float]) -> tuple[np.ndarray, np.ndarray, int]:
-        """Weighted share of the patient's symptom words found in each document (symptom list, prose),
-        the number of those words each document mentions, and how many the patient used.
-        Unlike BM25 it does not reward one word repeated or short documents: a disease that explains
-        all the complaints beats one that matches one complaint many times."""
-        idx, vals, hit_rows = [], [], []
-        total = 0.0
-        for term, w in weights.items():
-            cached = self._coverage_postings(term)
-            if cached is None:  # only symptom words are complaints to explain
-                continue
-            rows, unit, idf, distinct = cached
-            total += w * idf
-            idx.append(rows)
-            vals.append(unit * (w * idf))
-            hit_rows.append(distinct)
-        if not idx:
-            return np.zeros(self.size), np.zeros(self.size), 0
-        cov = np.bincount(np.concatenate(idx), weights=np.concatenate(vals), minlength=self.size) / total
-        return cov, np.bincount(np.concatenate(hit_rows), minlength=self.size), len(hit_rows)
-
-    def _coverage_postings(self, term: str) -> tuple[np.ndarray, np.ndarray, float, np.ndarray] | None:
-        """(rows, share per row, idf, distinct rows) of a symptom word, cached; None for a word no symptom
-        list has."""
-        if term in self._coverage_cache:
-            return self._coverage_cache[term]
-        out = None
-        if self._df("symptoms", term) > 0:
-            s = self.settings
-            idf = math.log(1 + self.size / (1 + self._df("all", term)))
-            rows, unit = [], []
-            for fname, share in (("symptoms", s.coverage_symptom_share), ("all", 1 - s.coverage_symptom_share)):
-                post = self._postings(fname, term)
-                rows.append(post)
-                unit.append(np.full(len(post), share))
-            merged = np.concatenate(rows)
-            out = (merged, np.concatenate(unit), idf, np.unique(merged))
-        if len(self._coverage_cache) < 50_000:
-            self._coverage_cache[term] = out
-        return out
-
     def _overlap(self, rows: np.ndarray, text: str, negated: set[str]) -> np.ndarray:
         # Share of a disease's listed symptoms that the patient states (negated ones do not count).
         sym = self.index.meta.symptoms
@@ -455,19 +393,23 @@ class Retriever:
             keywords, negated = list(weights), current.negated
             all_text = normalise(" ".join([*history, query]))
             cues = patient_cues(all_text, [*current.tokens, *(t for h in history for t in h.split())])
-            bm = self._fielded_scores(weights)
+            ev = self._evidence.score(weights)
+            bm, cov, n_hit, n_query = ev.bm25, ev.coverage, ev.symptom_hits, ev.n_symptom_words
             top = bm.max() if self.size else 0.0
             if top > 0:
                 # Every document is scored (vectorised): a rare-word BM25 shortlist would drop the common
                 # disease before the priors could lift it.
-                cov, n_hit, n_query = self._coverage(weights)
-                final = bm / top + s.w_coverage * cov + self._all_priors(cues)
+                # In place: each full-length temporary is another pass over memory.
+                no_match = bm <= 0
+                final = np.multiply(bm, 1 / top, out=bm)
+                final += np.multiply(cov, s.w_coverage, out=cov)
+                final += self._all_priors(cues)
                 bonus = self._name_bonus(named)
-                if bonus is not None:
-                    final += bonus
+                if bonus:
+                    final[list(bonus)] += list(bonus.values())
                 if s.w_single and n_query >= 2:
                     final -= s.w_single * (n_hit <= 1)
-                final[bm <= 0] = -np.inf
+                final[no_match] = -np.inf
                 rows = _top(final, s.rerank_depth)
                 rows = rows[np.isfinite(final[rows])]
                 final = final[rows]
@@ -477,29 +419,43 @@ class Retriever:
                 rows, final = rows[order], final[order]
             else:
                 rows, final = np.zeros(0, dtype=int), np.zeros(0)
-        hits = [self._hit(int(r), float(sc), keywords) for r, sc in zip(rows, final, strict=True)]
+        matcher = _automaton(keywords) if keywords and len(rows) else None
+        hits = [self._hit(int(r), float(sc), keywords, matcher) for r, sc in zip(rows, final, strict=True)]
         confident = bool(len(hits) == 1 or (len(hits) > 1 and final[0] - final[1] >= s.confident_margin))
         latency = (time.perf_counter() - start) * 1000
         return SearchResult(query=query, keywords=keywords, hits=hits, confident=confident and bool(hits),
                             latency_ms=latency, negated=negated, cues=cues.as_dict())
 
-    def _hit(self, row: int, score: float, keywords: list[str]) -> Hit:
+    def _hit(self, row: int, score: float, keywords: list[str], matcher: ahocorasick.Automaton | None) -> Hit:
+        """A ranked document with the query keywords found in its text and the sections holding them."""
         disease = self.index.doc(row)
-        matched: list[str] = []
-        fields: list[str] = []
-        texts = self._match_texts.get(row)
-        if texts is None:
-            texts = {f: normalise(disease.section(f)) for f in _MATCH_FIELDS}
-            texts["name"] = normalise(disease.name)
+        cached = self._match_texts.get(row)
+        if cached is None:
+            parts = [normalise(disease.name if f == "name" else disease.section(f)) for f in _MATCH_FIELDS]
+            starts = [0]
+            for part in parts[:-1]:
+                starts.append(starts[-1] + len(part) + 1)
+            cached = ("\0".join(parts), starts)
             if len(self._match_texts) < 20_000:
-                self._match_texts[row] = texts
-        for kw in keywords:
-            where = [f for f, t in texts.items() if kw in t]
-            if where:
-                matched.append(kw)
-                fields.extend(f for f in where if f not in fields)
-        return Hit(disease=disease, score=score, matched_keywords=matched,
+                self._match_texts[row] = cached
+        text, starts = cached
+        found: set[str] = set()
+        fields: set[str] = set()
+        if matcher is not None:
+            for end, kw in matcher.iter(text):
+                found.add(kw)
+                fields.add(_MATCH_FIELDS[bisect.bisect_right(starts, end - len(kw) + 1) - 1])
+        return Hit(disease=disease, score=score, matched_keywords=[k for k in keywords if k in found],
                    matched_fields=[f for f in _MATCH_FIELDS if f in fields])
+
+
+def _automaton(words: Sequence[str]) -> ahocorasick.Automaton:
+    """Aho-Corasick automaton that reports each word (its value) at every place it occurs."""
+    matcher = ahocorasick.Automaton()
+    for word in words:
+        matcher.add_word(word, word)
+    matcher.make_automaton()
+    return matcher
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
