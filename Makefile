@@ -32,6 +32,9 @@ lint: $(STAMP)
 eval: $(STAMP)
 	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data $(SHARED)/eval/dxy_dev.jsonl \
 		--label-map $(SHARED)/eval/label_map.json
+	@echo "adult complaints (project-written probes: tuned, then blind):"
+	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_complaints.jsonl
+	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_blind.jsonl
 	$(PY) -m safety eval
 
 bench: $(STAMP)

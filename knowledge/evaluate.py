@@ -89,8 +89,10 @@ def evaluate(retriever, jsonl_path: Path | str | Sequence[dict], label_map_path:
     for case in cases:
         res = retriever.search(case["query"], k=k)
         latencies.append(res.latency_ms)
-        rank = next((i + 1 for i, h in enumerate(res.hits) if is_correct(h.disease, case["label_disease"],
-                                                                         label_map)), None)
+        # A probe may name other library names for the same condition ("also_correct": 肩关节周围炎 for 肩周炎).
+        labels = [case["label_disease"], *case.get("also_correct", [])]
+        rank = next((i + 1 for i, h in enumerate(res.hits)
+                     if any(is_correct(h.disease, label, label_map) for label in labels)), None)
         if res.confident:
             confident_n += 1
             confident_right += rank == 1

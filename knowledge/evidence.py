@@ -4,14 +4,15 @@ The name/aliases, symptom and prose BM25 indexes each have their own posting lis
 for every query word, the documents using it with (a) the weighted sum of the three fields' BM25
 scores and (b) whether a symptom list names it (for symptom coverage). Every name, symptom and prose
 token is also in the "all" field, so each field's postings are a subset of the "all" postings: the
-three fields are aligned on the "all" posting lists once, vectorised (~0.1 s for 8,791 documents), and
-a query word's evidence is then three array views — no per-word work at query time and no first-query
-penalty for words not seen before.
+three fields are aligned on the "all" posting lists once when the index is built (saved with it), the
+field weights are applied at load (vectorised, a few ms), and a query word's evidence is then three array
+views: no per-word work at query time and no first-query penalty for words not seen before.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import bm25s
 import numpy as np
@@ -38,33 +39,57 @@ class QueryEvidence:
     n_symptom_words: int
 
 
-class EvidenceTable:
-    """Aligned evidence of every word in the 'all' vocabulary (CSR over words, as the 'all' index)."""
+@dataclass(frozen=True)
+class AlignedFields:
+    """The name, symptom and prose BM25 scores laid out on the 'all' posting lists (0 where a document
+    does not use the word in that field), whether a symptom list names it, and each word's symptom-list
+    document frequency. Built with the index and cached with it."""
 
-    def __init__(self, fields: dict[str, bm25s.BM25], n_docs: int, weights: EvidenceWeights) -> None:
+    name: np.ndarray  # float32, one per 'all' posting
+    symptoms: np.ndarray
+    prose: np.ndarray
+    in_symptoms: np.ndarray  # bool
+    symptom_df: np.ndarray  # int32, one per 'all' word
+
+    @classmethod
+    def build(cls, fields: dict[str, bm25s.BM25], n_docs: int) -> AlignedFields:
         base = fields["all"]
+        indptr = np.asarray(base.scores["indptr"], dtype=np.int64)
+        df = np.diff(indptr)
+        n_words = len(df)
+        keys = np.repeat(np.arange(n_words, dtype=np.int64), df) * n_docs + base.scores["indices"]
+        # keys are sorted: words in id order, documents ascending within a word
+        parts = {name: _align(fields[name], base.vocab_dict, keys, n_words, n_docs)
+                 for name in ("name", "symptoms", "prose")}
+        return cls(parts["name"][0], parts["symptoms"][0], parts["prose"][0], parts["symptoms"][1],
+                   parts["symptoms"][2])
+
+    def save(self, path: Path) -> None:
+        np.savez(path, **{f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def load(cls, path: Path) -> AlignedFields:
+        with np.load(path) as data:
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+class EvidenceTable:
+    """Weighted evidence of every word in the 'all' vocabulary (CSR over words, as the 'all' index)."""
+
+    def __init__(self, base: bm25s.BM25, aligned: AlignedFields, n_docs: int, weights: EvidenceWeights) -> None:
         self._vocab: dict[str, int] = base.vocab_dict
         indptr = np.asarray(base.scores["indptr"], dtype=np.int64)
         self._n_docs = n_docs
         self._rows = base.scores["indices"]
         df = np.diff(indptr)
-        n_words = len(df)
-        word_of_entry = np.repeat(np.arange(n_words, dtype=np.int64), df)
-        keys = word_of_entry * n_docs + self._rows  # sorted: words in id order, documents ascending
-
-        aligned, field_df = {}, {}
-        for name in ("name", "symptoms", "prose"):
-            aligned[name], field_df[name] = _align(fields[name], self._vocab, keys, n_words, n_docs)
-        present = aligned["symptoms"][1]
-        symptom_df = field_df["symptoms"]
-
+        word_of_entry = np.repeat(np.arange(len(df), dtype=np.int64), df)
         w = weights
-        w_name = w.w_name / (1 + symptom_df / w.name_symptom_df)  # per word
-        self._bm25 = (aligned["name"][0] * w_name[word_of_entry] + aligned["symptoms"][0] * w.w_symptoms
-                      + aligned["prose"][0] * w.w_prose)
-        is_symptom_word = symptom_df > 0
+        w_name = w.w_name / (1 + aligned.symptom_df / w.name_symptom_df)  # per word
+        self._bm25 = (aligned.name * w_name[word_of_entry] + aligned.symptoms.astype(np.float64) * w.w_symptoms
+                      + aligned.prose.astype(np.float64) * w.w_prose)
+        is_symptom_word = aligned.symptom_df > 0
         share = w.coverage_symptom_share
-        self._coverage = np.where(is_symptom_word[word_of_entry], (1 - share) + share * present, 0.0)
+        self._coverage = np.where(is_symptom_word[word_of_entry], (1 - share) + share * aligned.in_symptoms, 0.0)
         # Per word, as Python lists: a query reads a handful of scalars, faster from a list than numpy.
         self._span = list(zip(indptr[:-1].tolist(), indptr[1:].tolist(), strict=True))
         self._idf = np.where(is_symptom_word, np.log(1 + n_docs / (1 + df)), 0.0).tolist()
@@ -103,7 +128,7 @@ class EvidenceTable:
 
 
 def _align(model: bm25s.BM25, vocab: dict[str, int], keys: np.ndarray, n_words: int,
-           n_docs: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+           n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One field's BM25 scores and presence laid out on the 'all' postings, and its document frequency
     per 'all' word."""
     indptr = np.asarray(model.scores["indptr"], dtype=np.int64)
@@ -118,10 +143,10 @@ def _align(model: bm25s.BM25, vocab: dict[str, int], keys: np.ndarray, n_words: 
     # Every real token is in the 'all' field too; what is not is the "" placeholder of an empty field.
     found = keys[at] == field_keys
     at = at[found]
-    scores = np.zeros(len(keys))
+    scores = np.zeros(len(keys), dtype=np.float32)
     scores[at] = model.scores["data"][found]
     present = np.zeros(len(keys), dtype=bool)
     present[at] = True
-    field_df = np.zeros(n_words)
+    field_df = np.zeros(n_words, dtype=np.int32)
     field_df[to_base[to_base >= 0]] = df[to_base >= 0]
-    return (scores, present), field_df
+    return scores, present, field_df

@@ -22,10 +22,11 @@ import bm25s
 import numpy as np
 from tqdm import tqdm
 
+from knowledge.evidence import AlignedFields
 from knowledge.schema import Disease, LibraryError, load_library
 from knowledge.text import DATA_DIR, TextProcessor, clean_term, cue_words, normalise
 
-INDEX_VERSION = 8  # bump when the on-disk layout or the tokenisation code changes
+INDEX_VERSION = 11  # bump when the on-disk layout or the tokenisation code changes
 FIELDS = ("name", "symptoms", "prose", "all")  # "all" is the plain-BM25 single field
 # Word lists that change document tokens or flags (lay_terms.json is query-side only).
 INDEX_DATA_FILES = ("stopwords.txt", "generic_words.txt", "cue_words.json")
@@ -58,9 +59,22 @@ def library_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+# Rates written per 1,000 / 10,000 / 100,000 / 1,000,000 -> percent.
+_RATE_PATTERNS = (
+    (re.compile(r"(\d+(?:\.\d+)?)\s*%"), 1.0),
+    (re.compile(r"(\d+(?:\.\d+)?)\s*‰"), 0.1),
+    (re.compile(r"(\d+(?:\.\d+)?)\s*/\s*10\s*万"), 1e-3),
+    (re.compile(r"(\d+(?:\.\d+)?)\s*/\s*100\s*万"), 1e-4),
+    (re.compile(r"(\d+(?:\.\d+)?)\s*/\s*万"), 1e-2),
+    (re.compile(r"万分之\s*(\d+(?:\.\d+)?)"), 1e-2),
+)
+
+
 def parse_prevalence(text: str) -> float | None:
-    """'0.001%-0.005%' -> 0.005 (percent); None when no percentage is given."""
-    values = [float(v) for v in re.findall(r"(\d+(?:\.\d+)?)\s*%", text or "")]
+    """'0.001%-0.005%' -> 0.005, '0.1％以下' -> 0.1, '31/10万' -> 0.031, '4‰' -> 0.4 (percent); None when
+    no rate is given."""
+    text = normalise(text or "")  # full-width ％ becomes %
+    values = [float(v) * scale for pattern, scale in _RATE_PATTERNS for v in pattern.findall(text)]
     return max(values) if values else None
 
 
@@ -169,12 +183,14 @@ class LibraryIndex:
     """Per-field bm25s indexes plus document metadata, saved under cache_dir/<key>/."""
 
     def __init__(self, library_path: Path, settings: IndexSettings, text: TextProcessor,
-                 fields: dict[str, bm25s.BM25], meta: DocMeta) -> None:
+                 fields: dict[str, bm25s.BM25], meta: DocMeta, aligned: AlignedFields | None = None) -> None:
         self.library_path = library_path
         self.settings = settings
         self.text = text
         self.fields = fields
         self.meta = meta
+        # The per-field scores aligned on the 'all' postings (knowledge/evidence.py), built once.
+        self.aligned = aligned or AlignedFields.build(fields, len(meta.ids))
         self._docs: dict[int, Disease] = {}
         self._row = {doc_id: i for i, doc_id in enumerate(meta.ids)}
         self._all_tokens: list[list[str]] | None = None  # set by build(); kept on disk for benchmarks
@@ -248,6 +264,7 @@ class LibraryIndex:
                 "offsets": m.offsets, "library": str(self.library_path), "settings": asdict(self.settings)}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         self.text.dump_state(tmp / "jieba.pkl")
+        self.aligned.save(tmp / "evidence.npz")
         if self._all_tokens is not None:  # the plain-BM25 corpus, so a benchmark can feed rank-bm25 the same
             vocab = self.fields["all"].vocab_dict
             flat = np.array([vocab[t] for doc in self._all_tokens for t in doc], dtype=np.int32)
@@ -265,7 +282,7 @@ class LibraryIndex:
         meta = DocMeta(ids=raw["ids"], names=raw["names"], aliases=raw["aliases"], symptoms=raw["symptoms"],
                        offsets=raw["offsets"], **{k: flags[k] for k in flags.files})
         text = TextProcessor.from_state(directory / "jieba.pkl")
-        index = cls(library_path, settings, text, fields, meta)
+        index = cls(library_path, settings, text, fields, meta, AlignedFields.load(directory / "evidence.npz"))
         index.directory = directory
         return index
 

@@ -78,6 +78,38 @@ def _body_part_rewriter() -> re.Pattern[str]:
     return re.compile("|".join(re.escape(k) for k in sorted(body_parts(), key=len, reverse=True)))
 
 
+@lru_cache(maxsize=1)
+def _symptom_parts() -> tuple[re.Pattern[str], re.Pattern[str], frozenset[str], int]:
+    raw = json.loads((DATA_DIR / "symptom_parts.json").read_text(encoding="utf-8"))
+
+    def alternation(words: list[str]) -> re.Pattern[str]:
+        return re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))
+
+    return alternation(raw["locations"]), alternation(raw["qualities"]), frozenset(raw["negations"]), raw["max_gap"]
+
+
+_CLAUSE = re.compile(r"[\s,，.。;；:：!！?？|]+")
+
+
+def split_compounds(text: str) -> list[str]:
+    """Location + quality words a patient wrote apart within one clause (胸口压榨样疼痛 -> 胸痛,
+    胃胀胃隐痛 -> 胃痛), from clinical text (see `clinical_rewrite`). A negated quality (不痛) joins
+    nothing. The caller keeps the ones its vocabulary knows."""
+    locations, qualities, negations, max_gap = _symptom_parts()
+    out: dict[str, None] = {}
+    for clause in _CLAUSE.split(text):
+        places = [(m.end(), m.group()) for m in locations.finditer(clause)]
+        if not places:
+            continue
+        for q in qualities.finditer(clause):
+            if q.start() and clause[q.start() - 1] in negations:
+                continue
+            for end, place in places:
+                if end <= q.start() and q.start() - end <= max_gap:
+                    out[place + q.group()] = None
+    return list(out)
+
+
 def clinical_rewrite(text: str) -> str:
     """The complaint with everyday body-part and pain words replaced by clinical ones, in one
     left-to-right pass (嗓子疼 -> 咽痛, 胸口剧痛 -> 胸痛, 手心脚底 -> 手掌足底)."""
@@ -133,7 +165,12 @@ class PatientCues:
 
 
 _AGE_YEARS = re.compile(r"(\d+|[" + _NUM_CN + r"]+)\s*(?:周岁|岁)")
-_AGE_MONTHS = re.compile(r"(\d+|[" + _NUM_CN + r"]+)\s*(?:个多月|个半月|个月|月龄|多月)")
+# "N个月" is an age ("宝宝7个月", "1岁3个月", "男，5个月", "7个月大") only where an age is written: after
+# the start, punctuation, a child or sex word, "岁" or "现在"/"今年"/"才"/"刚"/"满"; or before "大"/"龄".
+# After a verb it is a duration ("疼了三个月", "咳嗽三个月", "持续两个多月"), which says nothing of age.
+_AGE_MONTHS = re.compile(r"(?:^|(?<=[\s,，.。;；:：、!！?？宝子儿娃孩婴男女岁周在年才刚满]))"
+                         r"(?:\d+|[" + _NUM_CN + r"]+)\s*(?:个多月|个半月|个月|多月)(?!前|来|以来|以上|之前|之后)"
+                         r"|(?:\d+|[" + _NUM_CN + r"]+)\s*(?:个多月|个半月|个月|多月)\s*大|月龄")
 _AGE_EN = re.compile(r"(\d+)[- ]?(?:year|yr)s?[- ]old|(\d+)[- ]?months?[- ]old")
 
 
@@ -188,27 +225,39 @@ class QueryTerms:
     subterms: list[str] = field(default_factory=list)  # dictionary sub-words of long terms
     negated: list[str] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
+    # Words told as past events ("感冒后耳朵疼", "以前得过肺炎"): still symptoms to match, but a disease
+    # named this way is what came before, not what the patient asks about now.
+    past: set[str] = field(default_factory=set)
 
 
 class TextProcessor:
     """jieba with the library's vocabulary plus the filtering rules used for documents and queries."""
 
     def __init__(self, user_words: Iterable[str] = (), freq: int = USER_WORD_FREQ) -> None:
-        self.jieba = jieba.Tokenizer()  # frequency table only (FREQ, total)
         self.user_words = sorted({w for w in (clean_term(t) for t in user_words) if w})
         self.freq = freq
-        self._ready = False
+        self._word_freq: dict[str, int] | None = None
+        self._total_freq = 0
         self._segmenter: rjieba.Jieba | None = None
         self._term_parts: dict[str, tuple[str, ...] | None] = {}
 
-    # -- jieba dictionary -------------------------------------------------------------------------
-    def _ensure(self) -> None:
-        if self._ready:
-            return
-        self.jieba.initialize()
-        for word in self.user_words:
-            self.jieba.add_word(word, self.freq)
-        self._ready = True
+    # -- dictionary -------------------------------------------------------------------------------
+    @property
+    def word_freq(self) -> dict[str, int]:
+        """Word -> frequency in jieba's dictionary plus the user words (words only, no prefixes)."""
+        if self._word_freq is None:
+            tokenizer = jieba.Tokenizer()
+            tokenizer.initialize()
+            for word in self.user_words:
+                tokenizer.add_word(word, self.freq)
+            self._word_freq = {w: f for w, f in tokenizer.FREQ.items() if f}
+            self._total_freq = tokenizer.total
+        return self._word_freq
+
+    @property
+    def total_freq(self) -> int:
+        self.word_freq  # noqa: B018 - computed with the table
+        return self._total_freq
 
     @property
     def segmenter(self) -> rjieba.Jieba:
@@ -221,10 +270,9 @@ class TextProcessor:
         return self._segmenter
 
     def dump_state(self, path: Path) -> None:
-        """Save the built prefix dictionary: loading it is ~2x faster than jieba's own start."""
-        self._ensure()
+        """Save the frequency table and user words: loading them is far faster than building them."""
         with path.open("wb") as fh:
-            pickle.dump((self.jieba.FREQ, self.jieba.total, self.user_words, self.freq), fh, protocol=5)
+            pickle.dump((self.word_freq, self.total_freq, self.user_words, self.freq), fh, protocol=5)
 
     @classmethod
     def from_state(cls, path: Path) -> TextProcessor:
@@ -232,9 +280,7 @@ class TextProcessor:
             table, total, words, freq = pickle.load(fh)
         proc = cls(freq=freq)
         proc.user_words = words
-        proc.jieba.FREQ, proc.jieba.total = table, total
-        proc.jieba.initialized = True
-        proc._ready = True
+        proc._word_freq, proc._total_freq = table, total
         proc.segmenter  # noqa: B018 - build now, not inside the first request
         return proc
 
@@ -250,7 +296,6 @@ class TextProcessor:
 
     def query_terms(self, text: str) -> QueryTerms:
         """Content terms of a complaint, with negated ones (没有发烧, 不咳嗽, denies fever) set aside."""
-        self._ensure()
         text = normalise(text)
         cues = cue_words()
         neg, breakers, joiners = cues["negation"], cues["negation_breakers"], cues["list_joiners"]
@@ -258,6 +303,14 @@ class TextProcessor:
         # Precise mode for the negation walk (one token per word), search-mode sub-words added after.
         stream = [t for t in self.segmenter.cut(text, False) if t.strip()]
         out.tokens = stream
+        before, after = cues["past_before"], cues["past_after"]
+        for i, tok in enumerate(stream):
+            if tok in after and i:
+                out.past.add(stream[i - 1])
+            if tok in before and i + 1 < len(stream):
+                out.past.add(stream[i + 1])
+            elif i + 2 < len(stream) and tok + stream[i + 1] in before:  # 得过 cut as 得|过
+                out.past.add(stream[i + 2])
         negating, content_seen = False, 0
         for tok in stream:
             if tok in neg:
@@ -298,7 +351,7 @@ class TextProcessor:
         # The same sub-words cut_for_search adds, so queries and documents share a vocabulary.
         if len(word) <= 2:
             return []
-        freq = self.jieba.FREQ
+        freq = self.word_freq
         subs = []
         for n in (2, 3):
             if len(word) > n:

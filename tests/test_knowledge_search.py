@@ -186,3 +186,30 @@ def test_prose_only_words_weigh_less(tiny: Retriever) -> None:
 def test_paediatric_department_flag(tiny: Retriever) -> None:
     flags = dict(zip(tiny.index.meta.ids, tiny.index.meta.child_dept.tolist(), strict=True))
     assert flags == {"d1": False, "d2": True, "d3": False, "d4": False, "d5": False}
+
+
+def test_prevalence_rates_in_other_notations() -> None:
+    from knowledge.index import parse_prevalence
+
+    assert parse_prevalence("0.001%-0.005%") == 0.005
+    assert parse_prevalence("0.1％以下") == 0.1  # full-width percent sign
+    assert parse_prevalence("31/10万") == pytest.approx(0.031)
+    assert parse_prevalence("4‰") == pytest.approx(0.4)
+    assert parse_prevalence("无相关数据") is None
+
+
+def test_a_disease_named_as_a_past_event_gets_no_name_evidence(tiny: Retriever) -> None:
+    asked = tiny._query("是不是感冒了，鼻塞", [])[2]
+    before = tiny._query("感冒后一直鼻塞", [])[2]
+    assert "感冒" in asked and "感冒" not in before
+
+
+def test_priors_count_less_for_a_patient_not_known_to_be_a_child(tiny: Retriever) -> None:
+    from knowledge.text import PatientCues
+
+    rows = np.arange(tiny.size)
+    adult, child = PatientCues(adult=True), PatientCues(child=True)
+    scale = tiny.settings.prior_scale_without_child
+    assert 0 < scale < 1
+    np.testing.assert_allclose(tiny._all_priors(adult), scale * tiny._priors(rows, adult))
+    np.testing.assert_allclose(tiny._all_priors(child), tiny._priors(rows, child))

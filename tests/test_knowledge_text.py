@@ -66,3 +66,33 @@ def test_lay_terms_map_to_symptoms_not_diseases() -> None:
     lay = lay_terms()
     assert {"冷汗", "出汗"} <= set(lay["出冷汗"]) and "麻木" in lay["发麻"] and "疼痛" in lay["剧痛"]
     assert all(t not in targets for t, targets in lay.items())
+
+
+@pytest.mark.parametrize(("text", "child"), [
+    ("宝宝7个月了，发烧", True),
+    ("1岁3个月，咳嗽", True),
+    ("15个月，拉肚子", True),
+    ("7个月大的男孩", True),
+    ("右肩膀疼了三个月，52岁", False),  # a duration, not an age
+    ("咳嗽两个多月了", False),
+    ("三个月前开始胃痛", False),
+    ("怀孕两个月，恶心", False),
+])
+def test_months_are_an_age_only_where_an_age_is_written(text: str, child: bool) -> None:
+    assert patient_cues(text).child is child
+
+
+def test_location_and_quality_written_apart_are_joined() -> None:
+    from knowledge.text import clinical_rewrite, split_compounds
+
+    assert "胸痛" in split_compounds(clinical_rewrite("胸口一阵阵压榨样地疼"))
+    assert {"胃胀", "胃痛"} <= set(split_compounds("胃胀胃隐痛好几年了"))
+    assert split_compounds("眼睛不红不痛") == []  # a negated quality joins nothing
+    assert "胸痛" not in split_compounds("胸口闷，头痛")  # different clauses stay apart: 胸闷 only
+    assert "胸闷" in split_compounds("胸口闷，头痛")
+
+
+def test_past_mentions_are_marked(proc: TextProcessor) -> None:
+    assert "发烧" in proc.query_terms("发烧后出了一身红疹").past
+    assert "手足口病" in proc.query_terms("以前得过手足口病，现在又发烧").past
+    assert not proc.query_terms("是不是手足口病").past
