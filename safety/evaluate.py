@@ -78,6 +78,13 @@ EVAL_SETS = (
         "60 common benign complaints written before backstop bs3; first run: rules 0/60, rules+backstop bs2 4/60 "
         "false alarms (6.7%); never tuned on",
     ),
+    EvalSet(
+        DATA_DIR / "triage_probe8.jsonl",
+        "blind",
+        "40 emergencies (all 17 rule families, PE after a flight, ectopic pregnancy, button battery, charcoal "
+        "burning, DKA...) and 22 look-alikes (past events, mild versions); written after rules 2025.06-5 and "
+        "backstop bs3; first run: rules only 92.5% / 0%, rules+backstop 100% / 0%; never tuned on",
+    ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.
 DEFAULT_SETS = tuple(s.path for s in EVAL_SETS)
