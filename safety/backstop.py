@@ -13,7 +13,9 @@ Features (per patient turn, then the union over the turns of a request):
 - negation-aware: an n-gram whose first character lies in a negation scope of the rule machinery
   (the same cues, window and scope breaks; concept mentions the rules negate) gets a ``~`` prefix,
   so 没有胸痛 yields ``~胸痛``, not ``胸痛``;
-- the rule concepts' final state over the turns: ``c:chest_pain`` (affirmed), ``c~chest_pain`` (negated).
+- the rule concepts' final state over the turns: ``c:chest_pain`` (affirmed), ``c~chest_pain`` (negated);
+- ``t:chronic`` when a turn tells a long or recurring course (疼了三个月, 好几年了, 反复, 每次): emergencies
+  are told in minutes and hours, so the time course is evidence the n-grams alone spread thin.
 
 Scoring is a dictionary lookup per feature: binary features, L2-normalised over the features the
 model knows, ``p = sigmoid(bias + sum(w) / sqrt(n))``. The weights file is plain JSON (format 1).
@@ -42,6 +44,12 @@ FORMAT = 1
 _CJK_RUN = re.compile(r"[\u3400-\u9fff]+")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _PHRASE = re.compile(r"[^,;!?:\n。.、()\[\]\"]+")
+_CHRONIC = re.compile(
+    r"(?:好几|几|多|\d+|[一二两三四五六七八九十半]+)\s*(?:年|个多月|个月|多月|周|星期|礼拜)(?:了|以来|来|多了)"
+    r"|[了有](?:好几|几|\d+|[一二两三四五六七八九十半]+)\s*(?:年|个多月|个月|多月|周|星期|礼拜)"
+    r"|反复|经常|每次|每年|每到|长期|多年|好几年|这几年|老是|常常|一直都"
+    r"|for (?:weeks|months|years)|(?:weeks|months|years) now|on and off|every time|keeps coming back"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +115,8 @@ def request_features(
     for t in turns:
         feats |= t.features(negation_scope)
     feats.update(("c:" if affirmed else "c~") + name for name, affirmed in state.items())
+    if any(_CHRONIC.search(t.s) for t in turns):
+        feats.add("t:chronic")
     return frozenset(feats)
 
 

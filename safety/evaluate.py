@@ -56,6 +56,13 @@ EVAL_SETS = (
         "fever, sweating after exercise...); bs2 flagged 10 of them",
     ),
     EvalSet(
+        DATA_DIR / "triage_train_adult.jsonl",
+        "tuned",
+        "backstop training set (bs4): 192 ordinary adult complaints told at length (joints, skin, ENT, eyes, gut, "
+        "women's and men's health, check-up results, past events) and 48 adult emergencies told at length; bs3 "
+        "flagged 22 of 108 ordinary adult complaints in the retrieval probes",
+    ),
+    EvalSet(
         DATA_DIR / "triage_probe5.jsonl",
         "blind",
         "written after rules 2025.06-3; never tuned on, but its miss families informed triage_train_extra",
@@ -84,6 +91,13 @@ EVAL_SETS = (
         "40 emergencies (all 17 rule families, PE after a flight, ectopic pregnancy, button battery, charcoal "
         "burning, DKA...) and 22 look-alikes (past events, mild versions); written after rules 2025.06-5 and "
         "backstop bs3; first run: rules only 92.5% / 0%, rules+backstop 100% / 0%; never tuned on",
+    ),
+    EvalSet(
+        DATA_DIR / "triage_adult_probe.jsonl",
+        "blind",
+        "the retrieval team's 116 adult complaints (knowledge/data/probes, 14 debatable urgent ones left out), "
+        "labelled for emergency by clinical reading before bs4; bs3: 87.5% / 20.4% (22/108). Not trained on, "
+        "but bs4's adult training set was written after reading bs3's false alarms here (family-level seen)",
     ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.

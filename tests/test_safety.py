@@ -336,7 +336,7 @@ def test_eval_sets_are_disjoint() -> None:
 
 # Tuned sets written to train the backstop, not the rules: their recall goal holds for the serving
 # configuration (rules + backstop), not for the rules alone.
-BACKSTOP_TRAINING_ONLY = {"triage_train_extra.jsonl"}
+BACKSTOP_TRAINING_ONLY = {"triage_train_extra.jsonl", "triage_train_adult.jsonl"}
 
 
 def test_every_set_keeps_false_alarms_within_goal(triage: Triage) -> None:
@@ -545,3 +545,15 @@ def test_cli_eval_shows_rules_only_and_backstop_columns() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "rules only" in proc.stdout and "rules+backstop" in proc.stdout
     assert "triage_probe6.jsonl" in proc.stdout
+
+
+def test_long_or_recurring_course_is_a_backstop_feature() -> None:
+    from safety.triage import Triage
+
+    triage = Triage.from_file(backstop=True)
+    assert "t:chronic" in triage.features("右肩膀疼了三个月，胳膊抬不起来")
+    assert "t:chronic" in triage.features("反复发作的头痛，好几年了")
+    assert "t:chronic" not in triage.features("突然胸口剧痛，出冷汗")
+    assert "t:chronic" not in triage.features("怀孕7个月，头痛眼花")  # a gestation, not a course
+    # Learned from the data, not set by hand: a long course argues against an emergency.
+    assert triage.backstop is not None and triage.backstop.weights["t:chronic"] < 0
