@@ -97,7 +97,8 @@ EVAL_SETS = (
         "blind",
         "the retrieval team's 116 adult complaints (knowledge/data/probes, 14 debatable urgent ones left out), "
         "labelled for emergency by clinical reading before bs4; bs3: 87.5% / 20.4% (22/108). Not trained on, "
-        "but bs4's adult training set was written after reading bs3's false alarms here (family-level seen)",
+        "but bs4's adult training set was written after reading bs3's false alarms here (family-level seen), "
+        "and its missed acute glaucoma led to the rules 2025.06-6 glaucoma alternative",
     ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.

@@ -557,3 +557,13 @@ def test_long_or_recurring_course_is_a_backstop_feature() -> None:
     assert "t:chronic" not in triage.features("怀孕7个月，头痛眼花")  # a gestation, not a course
     # Learned from the data, not set by hand: a long course argues against an emergency.
     assert triage.backstop is not None and triage.backstop.weights["t:chronic"] < 0
+
+
+def test_acute_glaucoma_is_an_eye_emergency() -> None:
+    from safety.triage import Triage
+
+    rules = Triage.from_file(backstop=False)
+    for text in ("左眼胀痛得厉害，看灯周围有彩虹一样的圈，还恶心",
+                 "eye is really painful and there are halos around lights"):
+        assert rules.assess(text).rule_ids == ["sudden_vision_loss"], text
+    assert rules.assess("看手机久了眼睛有点胀").level == "none"
