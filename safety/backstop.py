@@ -44,6 +44,9 @@ FORMAT = 1
 _CJK_RUN = re.compile(r"[\u3400-\u9fff]+")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _PHRASE = re.compile(r"[^,;!?:\n。.、()\[\]\"]+")
+# Grammatical characters say nothing alone (都, 了, 的); as unigrams they only let a long complaint's
+# length tip the score. They stay inside 2- and 3-grams.
+_FUNCTION_CHARS = frozenset("的了都是在有我也就还很吗呢吧啊呀着过把被给让和与及或而但又再才那这个得地之")
 _CHRONIC = re.compile(
     r"(?:好几|几|多|\d+|[一二两三四五六七八九十半]+)\s*(?:年|个多月|个月|多月|周|星期|礼拜)(?:了|以来|来|多了)"
     r"|[了有](?:好几|几|\d+|[一二两三四五六七八九十半]+)\s*(?:年|个多月|个月|多月|周|星期|礼拜)"
@@ -88,7 +91,7 @@ def turn_features(s: str, negated: bytearray | bytes) -> frozenset[str]:
         for i in range(a, b):
             neg = "~" if negated[i] else ""
             for n in (1, 2, 3):
-                if i + n <= b:
+                if i + n <= b and not (n == 1 and s[i] in _FUNCTION_CHARS):
                     out.add(neg + s[i : i + n])
     for phrase in _PHRASE.finditer(s):
         prev = ""

@@ -27,7 +27,7 @@ class EvalSet:
     """
 
     path: Path
-    kind: str  # "tuned" | "blind"
+    kind: str  # "tuned" (trained or tuned on) | "seen" (decisions made on it, never trained on) | "blind"
     note: str = ""
 
 
@@ -94,11 +94,18 @@ EVAL_SETS = (
     ),
     EvalSet(
         DATA_DIR / "triage_adult_probe.jsonl",
-        "blind",
+        "seen",
         "the retrieval team's 116 adult complaints (knowledge/data/probes, 14 debatable urgent ones left out), "
-        "labelled for emergency by clinical reading before bs4; bs3: 87.5% / 20.4% (22/108). Not trained on, "
-        "but bs4's adult training set was written after reading bs3's false alarms here (family-level seen), "
-        "and its missed acute glaucoma led to the rules 2025.06-6 glaucoma alternative",
+        "labelled for emergency by clinical reading; bs3: 87.5% / 20.4% (22/108). Never trained on, but used to "
+        "decide: bs4's adult training set was written after reading its false alarms, its missed acute glaucoma "
+        "led to the rules 2025.06-6 glaucoma alternative, and dropping function-character unigrams was kept "
+        "because it lowered its false alarms (11.1% -> 7.4%)",
+    ),
+    EvalSet(
+        DATA_DIR / "triage_probe9.jsonl",
+        "blind",
+        "26 ordinary adult complaints told at length and 10 emergencies, written after bs4; first run: rules only "
+        "90.0% / 0%, rules+backstop 100% / 0% (with and without the function-character change); never tuned on",
     ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.

@@ -336,7 +336,9 @@ def test_eval_sets_are_disjoint() -> None:
 
 # Tuned sets written to train the backstop, not the rules: their recall goal holds for the serving
 # configuration (rules + backstop), not for the rules alone.
-BACKSTOP_TRAINING_ONLY = {"triage_train_extra.jsonl", "triage_train_adult.jsonl"}
+# Sets whose recall is asserted for rules + backstop (the backstop was trained on them or they were
+# written to measure it); the others must reach the goal with the rules alone.
+BACKSTOP_TRAINING_ONLY = {"triage_train_extra.jsonl", "triage_train_adult.jsonl", "triage_adult_probe.jsonl"}
 
 
 def test_every_set_keeps_false_alarms_within_goal(triage: Triage) -> None:
@@ -345,7 +347,7 @@ def test_every_set_keeps_false_alarms_within_goal(triage: Triage) -> None:
         cases = load_cases(es.path)
         report = evaluate(triage, cases)
         assert report.false_alarm_rate <= 0.10, es.path.name
-        if es.kind == "tuned":  # blind sets are reported, never asserted (that would invite tuning)
+        if es.kind != "blind":  # blind sets are reported, never asserted (that would invite tuning)
             both = evaluate(serving, cases)
             assert both.false_alarm_rate <= 0.10, es.path.name
             assert (both if es.path.name in BACKSTOP_TRAINING_ONLY else report).recall >= 0.95, es.path.name
