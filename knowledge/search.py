@@ -98,6 +98,9 @@ class SearchSettings:
     # named after a symptom (咳嗽, 发烧) get none: the patient describes a symptom, not a diagnosis.
     w_name_exact: float = 1.5  # dxy_dev half a: 0 -> 1.5 lifted top-5 49.8% -> 58.3%; 2-3 no better
     name_exact_short: float = 0.5
+    # Conditions a fired red-flag rule is about (safety rules' "suspects"): ranked first, so the references
+    # and the brief of an emergency describe the emergency, not whatever shares its words.
+    w_suspect: float = 3.0
 
 
 @dataclass
@@ -392,7 +395,17 @@ class Retriever:
                 out[i] = hits / math.sqrt(self._sym_len[r])
         return out
 
-    def search(self, query: str, history: Sequence[str] = (), k: int = 5) -> SearchResult:
+    def _suspect_rows(self, suspects: Sequence[str]) -> dict[int, float]:
+        rows: dict[int, float] = {}
+        for name in suspects:
+            for r in self._name_rows.get(normalise(name.strip()), ()):
+                rows[r] = self.settings.w_suspect
+        return rows
+
+    def search(self, query: str, history: Sequence[str] = (), k: int = 5,
+               suspects: Sequence[str] = ()) -> SearchResult:
+        """Rank the library for a complaint (+ earlier patient turns). ``suspects``: condition names the
+        safety rules suspect (see safety/data/red_flags.json); their documents are ranked first."""
         start = time.perf_counter()
         s = self.settings
         if s.mode == "plain":
@@ -419,6 +432,9 @@ class Retriever:
                 final += np.multiply(cov, s.w_coverage, out=cov)
                 final += self._all_priors(cues)
                 bonus = self._name_bonus(named)
+                for r, value in self._suspect_rows(suspects).items():
+                    bonus[r] = max(bonus.get(r, 0.0), value)
+                    no_match[r] = False  # a rule fired on the complaint: relevant without shared words
                 if bonus:
                     final[list(bonus)] += list(bonus.values())
                 if s.w_single and n_query >= 2:

@@ -11,9 +11,11 @@ Format (see the "_doc" entry in the packaged file):
   Terms are regular expressions matched against NFKC-normalised, lower-cased text. English terms
   may not start inside a word. ``{gapN}`` stands for up to N characters without punctuation or a
   Chinese negation character, for patterns such as ``胸{gap3}痛`` (胸口很痛, but not 胸口不痛).
-- "rules": [{"id", "description": {zh, en}, "when": [[group, ...], ...], "advice": {zh, en}}].
-  A rule fires when every group of any one alternative in "when" is satisfied; a group is a
-  concept name or several joined by "|" (any of them).
+- "rules": [{"id", "description": {zh, en}, "when": [[group, ...], ...], "advice": {zh, en},
+  "suspects": [...]}]. A rule fires when every group of any one alternative in "when" is satisfied; a
+  group is a concept name or several joined by "|" (any of them). "suspects" (optional) names the
+  conditions the rule is about (心肌梗死, 脑梗死): the prompt designer ranks those library documents first,
+  so the references and the brief of an emergency describe the emergency.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Rule:
     description: Mapping[str, str]
     when: tuple[tuple[frozenset[str], ...], ...]
     advice: Mapping[str, str]
+    suspects: tuple[str, ...] = ()
 
     def matches(self, present: set[str] | frozenset[str]) -> bool:
         return any(all(group & present for group in alt) for alt in self.when)
@@ -217,7 +220,11 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
                     raise fail(f"rule {rid}: unknown concept(s) {unknown or [group]}")
                 groups.append(names)
             alts.append(tuple(groups))
-        rules.append(Rule(id=rid, description=description, when=tuple(alts), advice=advice))
+        suspects = entry.get("suspects", [])
+        if not isinstance(suspects, list) or not all(isinstance(x, str) and x.strip() for x in suspects):
+            raise fail(f"rule {rid}: suspects must be a list of condition names")
+        rules.append(Rule(id=rid, description=description, when=tuple(alts), advice=advice,
+                          suspects=tuple(x.strip() for x in suspects)))
 
     note = _texts(data.get("prompt_note"), "prompt_note", fail)
     for lang, text in note.items():

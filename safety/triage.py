@@ -73,6 +73,7 @@ class SafetyAssessment:
     advice: str = ""
     prompt_note: str = ""
     lang: Language = "zh"
+    suspects: list[str] = field(default_factory=list)  # conditions the fired rules are about
 
     @property
     def is_emergency(self) -> bool:
@@ -161,6 +162,7 @@ class Triage:
             advice=advice,
             prompt_note=self._rs.prompt_note[lang].format(conditions=conditions),
             lang=lang,
+            suspects=list(dict.fromkeys(name for r in fired for name in r.suspects)),
         )
 
     # -- matching ---------------------------------------------------------------------------

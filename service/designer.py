@@ -12,6 +12,7 @@ from typing import Any
 
 from knowledge.brief import Brief, write_brief, write_candidates
 from knowledge.search import Retriever, SearchResult
+from safety.triage import Triage
 
 from .engine.types import ChatTurn
 from .prompt import compose_message, is_chinese
@@ -42,10 +43,13 @@ class DesignedPrompt:
 
 
 class PromptDesigner:
-    def __init__(self, retriever: Retriever, *, brief_chars: int = 600, k: int = 3) -> None:
+    def __init__(self, retriever: Retriever, *, brief_chars: int = 600, k: int = 3,
+                 triage: Triage | None = None) -> None:
         self.retriever = retriever
         self.brief_chars = brief_chars
         self.k = k
+        # With triage, an emergency's suspected conditions (the fired rules' "suspects") rank first.
+        self.triage = triage
 
     def brief(self, question: str, history: Sequence[str] = ()) -> tuple[SearchResult, Brief | None]:
         """Retrieval and the brief for the prompt; training calls this too, so it learns the served prompt.
@@ -53,7 +57,8 @@ class PromptDesigner:
         One disease when it is clearly ahead; otherwise the question is uncertain and the brief lists the
         candidates.
         """
-        result = self.retriever.search(question, history=history, k=self.k)
+        suspects = self.triage.assess(question, history).suspects if self.triage is not None else []
+        result = self.retriever.search(question, history=history, k=self.k, suspects=suspects)
         if not result.hits:
             return result, None
         if result.confident:

@@ -69,7 +69,7 @@ def load_runtime(runtime: Runtime, *, progress: bool = True) -> None:
     started = time.perf_counter()
     retriever = Retriever.load_or_build(s.knowledge_path, s.cache_dir / "index", progress=progress)
     runtime.retriever = retriever
-    runtime.designer = PromptDesigner(retriever, brief_chars=s.brief_chars, k=s.retrieval_k)
+    runtime.designer = PromptDesigner(retriever, brief_chars=s.brief_chars, k=s.retrieval_k, triage=runtime.triage)
     log.info("knowledge index ready: %d diseases in %.1fs", retriever.size, time.perf_counter() - started)
     runtime.engine = make_engine(s, progress=progress)
     runtime.engine.start()

@@ -141,3 +141,20 @@ def test_index_cache_keeps_the_segmenter_settings(sample: Retriever) -> None:
     proc = sample.index.text
     assert proc.freq == sample.index.settings.user_word_freq
     assert proc.segmenter.cut(normalise(proc.user_words[0]), False) == [proc.user_words[0]]
+
+
+def test_an_emergency_references_the_condition_its_rule_suspects(sample: Retriever) -> None:
+    from safety.triage import Triage
+    from service.designer import PromptDesigner
+
+    complaint = "男，60岁，突然胸口压榨样疼痛，出了一身冷汗，左胳膊发麻"
+    triage = Triage.from_file()
+    suspects = triage.assess(complaint).suspects
+    assert {"急性心肌梗死", "心绞痛"} <= set(suspects)
+    served = PromptDesigner(sample, triage=triage).design(complaint)
+    assert served.references[0]["name"] in suspects and served.references[1]["name"] in suspects
+    # Without an emergency nothing is suspected and ranking is retrieval's alone.
+    calm = "鼻塞流清鼻涕两天，打喷嚏"
+    assert not triage.assess(calm).suspects
+    assert [r["id"] for r in PromptDesigner(sample, triage=triage).design(calm).references] == \
+        [h.disease.id for h in sample.search(calm, k=3).hits]

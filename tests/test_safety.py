@@ -569,3 +569,16 @@ def test_acute_glaucoma_is_an_eye_emergency() -> None:
                  "eye is really painful and there are halos around lights"):
         assert rules.assess(text).rule_ids == ["sudden_vision_loss"], text
     assert rules.assess("看手机久了眼睛有点胀").level == "none"
+
+
+def test_a_fever_is_not_a_burn_and_a_toddlers_poor_spirits_is_not_an_emergency() -> None:
+    from safety.triage import Triage
+
+    rules = Triage.from_file(backstop=False)
+    assert rules.assess("宝宝1岁8个月，昨天晚上开始发烧，烧到39度多，反复的").level == "none"
+    assert rules.assess("孩子被开水烫伤了，胸口大片起泡").rule_ids == ["severe_injury"]
+    assert rules.assess("宝宝两岁，发烧第二天，精神差一点，吃饭少").level == "none"
+    # ...but a baby under three months, or a named 婴儿, with the same signs is.
+    assert rules.assess("宝宝一个月，这两天精神差，不吃奶").rule_ids == ["infant_danger"]
+    assert rules.assess("婴儿这两天精神差，一直睡，不吃奶").rule_ids == ["infant_danger"]
+    assert "infant_danger" in rules.assess("宝宝两岁，高烧后嗜睡，叫不醒").rule_ids

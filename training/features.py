@@ -70,6 +70,7 @@ def brief_provider(knowledge_path: Path | None, cache_dir: Path, brief_chars: in
     """
     try:
         from knowledge.search import Retriever
+        from safety.triage import Triage
         from service.designer import PromptDesigner
         from service.settings import SAMPLE_LIBRARY
 
@@ -80,7 +81,7 @@ def brief_provider(knowledge_path: Path | None, cache_dir: Path, brief_chars: in
         return None
     # The serving designer decides the brief (one disease, or the uncertain candidate list), so the model
     # is trained on the prompts it will be served.
-    designer = PromptDesigner(retriever, brief_chars=brief_chars)
+    designer = PromptDesigner(retriever, brief_chars=brief_chars, triage=Triage.from_file())
 
     def brief(question: str) -> str:
         try:
