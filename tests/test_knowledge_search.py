@@ -213,3 +213,14 @@ def test_priors_count_less_for_a_patient_not_known_to_be_a_child(tiny: Retriever
     assert 0 < scale < 1
     np.testing.assert_allclose(tiny._all_priors(adult), scale * tiny._priors(rows, adult))
     np.testing.assert_allclose(tiny._all_priors(child), tiny._priors(rows, child))
+
+
+def test_confidence_margin_depends_on_whether_the_patient_is_a_child(tmp_path: Path) -> None:
+    lib = write_library(tmp_path / "lib.jsonl")
+    index = LibraryIndex.load_or_build(lib, tmp_path / "cache", progress=False)
+    strict_for_adults = Retriever(index, SearchSettings(confident_margin=0.0, confident_margin_without_child=100.0))
+    child = strict_for_adults.search("宝宝1岁，发烧，鼻塞，流鼻涕")
+    adult = strict_for_adults.search("女，35岁，发烧，鼻塞，流鼻涕")
+    assert len(child.hits) > 1 and len(adult.hits) > 1
+    assert child.cues["child"] and child.confident
+    assert not adult.cues["child"] and not adult.confident
