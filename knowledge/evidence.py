@@ -1,4 +1,4 @@
-"""Per-word evidence for the fielded search, precomputed for the whole vocabulary at load.
+"""Per-word evidence for the fielded search, precomputed for the whole vocabulary with the index.
 
 The name/aliases, symptom and prose BM25 indexes each have their own posting lists. The search needs,
 for every query word, the documents using it with (a) the weighted sum of the three fields' BM25
@@ -52,14 +52,14 @@ class AlignedFields:
     symptom_df: np.ndarray  # int32, one per 'all' word
 
     @classmethod
-    def build(cls, fields: dict[str, bm25s.BM25], n_docs: int) -> AlignedFields:
-        base = fields["all"]
+    def build(cls, indexes: dict[str, bm25s.BM25], n_docs: int) -> AlignedFields:
+        base = indexes["all"]
         indptr = np.asarray(base.scores["indptr"], dtype=np.int64)
         df = np.diff(indptr)
         n_words = len(df)
         keys = np.repeat(np.arange(n_words, dtype=np.int64), df) * n_docs + base.scores["indices"]
         # keys are sorted: words in id order, documents ascending within a word
-        parts = {name: _align(fields[name], base.vocab_dict, keys, n_words, n_docs)
+        parts = {name: _align(indexes[name], base.vocab_dict, keys, n_words, n_docs)
                  for name in ("name", "symptoms", "prose")}
         return cls(parts["name"][0], parts["symptoms"][0], parts["prose"][0], parts["symptoms"][1],
                    parts["symptoms"][2])
