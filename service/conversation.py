@@ -89,7 +89,7 @@ async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id:
     assessment = runtime.triage.assess(chat.question, [t.user for t in chat.history])
     assert runtime.designer is not None
     designed = runtime.designer.design(chat.question, chat.history, use_knowledge=chat.use_knowledge,
-                                       urgent_note=assessment.prompt_note)
+                                       urgent_note=assessment.prompt_note, suspects=assessment.suspects)
     runtime.metrics.retrieval.observe(designed.retrieval_ms / 1000)
     if assessment.level == "emergency":
         runtime.metrics.emergencies.inc()

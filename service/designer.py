@@ -51,13 +51,15 @@ class PromptDesigner:
         # With triage, an emergency's suspected conditions (the fired rules' "suspects") rank first.
         self.triage = triage
 
-    def brief(self, question: str, history: Sequence[str] = ()) -> tuple[SearchResult, Brief | None]:
+    def brief(self, question: str, history: Sequence[str] = (),
+              suspects: Sequence[str] | None = None) -> tuple[SearchResult, Brief | None]:
         """Retrieval and the brief for the prompt; training calls this too, so it learns the served prompt.
 
         One disease when it is clearly ahead; otherwise the question is uncertain and the brief lists the
         candidates.
         """
-        suspects = self.triage.assess(question, history).suspects if self.triage is not None else []
+        if suspects is None:  # the caller has not assessed the complaint: assess it here
+            suspects = self.triage.assess(question, history).suspects if self.triage is not None else []
         result = self.retriever.search(question, history=history, k=self.k, suspects=suspects)
         if not result.hits:
             return result, None
@@ -66,12 +68,12 @@ class PromptDesigner:
         return result, write_candidates(result.hits, self.brief_chars)
 
     def design(self, question: str, history: list[ChatTurn] | None = None, *, use_knowledge: bool = True,
-               urgent_note: str = "") -> DesignedPrompt:
+               urgent_note: str = "", suspects: Sequence[str] | None = None) -> DesignedPrompt:
         history = history or []
         if not use_knowledge:
             return DesignedPrompt(message=compose_message(question, "", urgent_note))
         started = time.perf_counter()
-        result, brief = self.brief(question, [t.user for t in history])
+        result, brief = self.brief(question, [t.user for t in history], suspects)
         references = []
         for rank, hit in enumerate(result.hits):
             ref = hit.to_dict()

@@ -21,6 +21,8 @@ def test_emergency_json_puts_advice_first_and_keeps_references(server) -> None:
     assert body["response"].startswith(advice)
     assert body["response"].endswith(body["safety"]["notice"])
     assert body["references"]
+    # The references describe the suspected emergency (the rule's suspects), not what shares its words.
+    assert body["references"][0]["name"] in {"急性心肌梗死", "心绞痛", "冠心病", "脑卒中"}
 
 
 def test_emergency_stream_sends_safety_in_the_first_event(server) -> None:
