@@ -155,9 +155,7 @@ class Retriever:
         self._log_mentions = np.log1p(np.minimum(m.mentions, self.settings.mentions_cap).astype(float))
         self._sym_len = np.array([max(len(s), 1) for s in m.symptoms], dtype=float)
         self._user_words = set(index.text.user_words)
-        self._keep_cache: dict[str, bool] = {}
-        self._spec_cache: dict[str, float] = {}
-        self._weight_cache: dict[str, float | None] = {}
+        self._weight_cache: dict[str, float | None] = {}  # word -> _search_weight
         self._name_rows: dict[str, list[int]] = {}
         for row, (name, aliases) in enumerate(zip(m.names, m.aliases, strict=True)):
             for n in dict.fromkeys(normalise(x.strip()) for x in (name, *aliases)):
@@ -185,20 +183,14 @@ class Retriever:
     def _keep(self, term: str) -> bool:
         """Generic-word filter: a word that general Chinese uses far more often than the library does
         (吃, 说, 起来) gets a high IDF in BM25 and matches unrelated documents, so it is dropped."""
-        kept = self._keep_cache.get(term)
-        if kept is None:
-            if len(term) == 1:  # single characters (split drug names, 吃, 睡) match at random;
-                kept = False  # the ones that carry a symptom (吐, 咳, 痒) reach the search via lay_terms
-            elif term in self._user_words:
-                kept = True
-            else:
-                df = self._df("all", term)
-                text = self.index.text
-                general = text.word_freq.get(term, 0) / max(text.total_freq, 1)
-                kept = df > 0 and (general == 0 or (df / self.size) / general >= self.settings.generic_ratio)
-            if len(self._keep_cache) < 100_000:
-                self._keep_cache[term] = kept
-        return kept
+        if len(term) == 1:  # single characters (split drug names, 吃, 睡) match at random;
+            return False  # the ones that carry a symptom (吐, 咳, 痒) reach the search via lay_terms
+        if term in self._user_words:
+            return True
+        df = self._df("all", term)
+        text = self.index.text
+        general = text.word_freq.get(term, 0) / max(text.total_freq, 1)
+        return df > 0 and (general == 0 or (df / self.size) / general >= self.settings.generic_ratio)
 
     def _search_weight(self, term: str) -> float | None:
         """None for a word the generic-word filter drops, else its specificity (cached per word)."""
@@ -215,17 +207,10 @@ class Retriever:
         s = self.settings
         if not s.spec_share or term in self._user_words:
             return 1.0
-        w = self._spec_cache.get(term)
-        if w is None:
-            df = self._df("all", term)
-            if df < s.spec_min_df:
-                w = 1.0
-            else:
-                med = self._df("symptoms", term) + self._df("name", term)
-                w = min(1.0, med / df / s.spec_share)
-            if len(self._spec_cache) < 100_000:
-                self._spec_cache[term] = w
-        return w
+        df = self._df("all", term)
+        if df < s.spec_min_df:
+            return 1.0
+        return min(1.0, (self._df("symptoms", term) + self._df("name", term)) / df / s.spec_share)
 
     @classmethod
     def load_or_build(cls, library_path: Path, cache_dir: Path, progress: bool = True,

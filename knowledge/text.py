@@ -72,20 +72,21 @@ def body_parts() -> dict[str, str]:
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
+def _longest_first(words: Iterable[str]) -> re.Pattern[str]:
+    """An alternation that, at each position, matches the longest of the words."""
+    return re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))
+
+
 @lru_cache(maxsize=1)
 def _body_part_rewriter() -> re.Pattern[str]:
-    # Longest alternatives first: at each position the regex takes the longest everyday word.
-    return re.compile("|".join(re.escape(k) for k in sorted(body_parts(), key=len, reverse=True)))
+    return _longest_first(body_parts())
 
 
 @lru_cache(maxsize=1)
 def _symptom_parts() -> tuple[re.Pattern[str], re.Pattern[str], frozenset[str], int]:
     raw = json.loads((DATA_DIR / "symptom_parts.json").read_text(encoding="utf-8"))
-
-    def alternation(words: list[str]) -> re.Pattern[str]:
-        return re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))
-
-    return alternation(raw["locations"]), alternation(raw["qualities"]), frozenset(raw["negations"]), raw["max_gap"]
+    return (_longest_first(raw["locations"]), _longest_first(raw["qualities"]), frozenset(raw["negations"]),
+            raw["max_gap"])
 
 
 _CLAUSE = re.compile(r"[\s,，.。;；:：!！?？|]+")
