@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from service.engine.chat_format import render  # noqa: E402
-from service.engine.loading import load_model  # noqa: E402
-from service.tiny_model import ensure_default_model  # noqa: E402
+from llm.chat_format import render  # noqa: E402
+from llm.loading import load_model  # noqa: E402
+from llm.tiny_model import ensure_default_model  # noqa: E402
 from tests.server import start_server  # noqa: E402
 
 QUESTION = "孩子发烧三天，咳嗽有痰，怎么办？"

@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0: pick 1 or all cores by a quick measurement")
     args = parser.parse_args()
 
-    from service.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
+    from llm.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
     from training.config import pick_threads
     from training.data import load_examples
 

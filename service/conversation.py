@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .designer import NO_MATCH_NOTE, UNCERTAIN_NOTE, DesignedPrompt
+from llm.designer import NO_MATCH_NOTE, UNCERTAIN_NOTE, DesignedPrompt
+
 from .engine.types import ChatTurn, EngineError, Finished, GenerationRequest, SamplingParams, TokenDelta
 from .errors import APIError, to_api_error
 from .runtime import Runtime

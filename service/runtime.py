@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from knowledge.search import Retriever
+from llm.designer import PromptDesigner
 from safety.triage import Triage
 
 from .audit import AuditLog
 from .auth import KeyChecker
-from .designer import PromptDesigner
 from .metrics import Metrics
 from .settings import Settings
 
@@ -81,9 +81,10 @@ def make_engine(settings: Settings, *, progress: bool = True) -> Any:
         from .engine.upstream import UpstreamEngine
 
         return UpstreamEngine(settings)
-    from .engine.loading import load_model
+    from llm.loading import load_model
+    from llm.tiny_model import ensure_default_model
+
     from .engine.local import LocalEngine
-    from .tiny_model import ensure_default_model
 
     model_dir = settings.model_path or ensure_default_model(settings.cache_dir, progress=progress)
     loaded = load_model(model_dir, adapter_dir=settings.adapter_path, dtype=settings.dtype,

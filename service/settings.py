@@ -9,9 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_ROOT = PACKAGE_DIR.parent
-SAMPLE_LIBRARY = REPO_ROOT / "knowledge" / "data" / "sample_diseases.jsonl"
+from llm.paths import DEFAULT_CACHE_DIR, SAMPLE_LIBRARY
+
 DEFAULT_SAFETY_NOTICE = (
     "本回答由人工智能生成，仅供参考，不能替代医生的面诊、诊断和治疗；如症状加重或出现紧急情况，请立即就医或拨打120。"
 )
@@ -39,7 +38,7 @@ class Settings(BaseSettings):
 
     # --- knowledge ---
     knowledge_path: Path = SAMPLE_LIBRARY
-    cache_dir: Path = REPO_ROOT / ".cache"
+    cache_dir: Path = DEFAULT_CACHE_DIR
     brief_chars: int = Field(600, ge=50, le=8000, description="Character budget of the disease brief.")
     retrieval_k: int = Field(3, ge=1, le=20)
 

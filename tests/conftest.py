@@ -36,7 +36,7 @@ def cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_model_dir(cache_dir: Path) -> Path:
     """The embedded default model (tiny GLM + tokenizer trained on the project's text)."""
-    from service.tiny_model import ensure_default_model
+    from llm.tiny_model import ensure_default_model
 
     return ensure_default_model(cache_dir, progress=False)
 

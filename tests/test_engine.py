@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.engine.chat_format import build_prompt_ids, chatglm_prompt
-from service.engine.loading import ModelLoadError, load_model
+from llm.chat_format import build_prompt_ids, chatglm_prompt
+from llm.loading import ModelLoadError, load_model
+from llm.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
 from service.engine.local import LocalEngine
 from service.engine.repetition import find_loop
 from service.engine.types import (
@@ -21,7 +22,6 @@ from service.engine.types import (
     SamplingParams,
     TokenDelta,
 )
-from service.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
 
 from .engine_fixtures import write_remote_code_model
 

@@ -144,8 +144,8 @@ def test_index_cache_keeps_the_segmenter_settings(sample: Retriever) -> None:
 
 
 def test_an_emergency_references_the_condition_its_rule_suspects(sample: Retriever) -> None:
+    from llm.designer import PromptDesigner
     from safety.triage import Triage
-    from service.designer import PromptDesigner
 
     complaint = "男，60岁，突然胸口压榨样疼痛，出了一身冷汗，左胳膊发麻"
     triage = Triage.from_file()

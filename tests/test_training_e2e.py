@@ -18,8 +18,8 @@ QUESTION = "医生，我这两天头痛，还有点发烧，怎么办？"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from service.settings import REPO_ROOT
-    from service.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
+    from llm.paths import REPO_ROOT
+    from llm.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
 
     root = tmp_path_factory.mktemp("e2e")
     train_tokenizer(iter_jsonl_text(local_corpus_files()), root / "tok", vocab_size=1200)

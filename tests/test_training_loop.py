@@ -20,7 +20,7 @@ PAIRS = [Example(f"医生，我{s}，怎么办？", f"{s}时建议多休息，�
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A micro GLM (64 hidden, 2 layers) with a small tokenizer trained on the project's text."""
-    from service.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
+    from llm.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
 
     root = tmp_path_factory.mktemp("micro")
     train_tokenizer(iter_jsonl_text(local_corpus_files()), root / "tok", vocab_size=1200)
@@ -35,8 +35,8 @@ def tokenizer(micro: Path):
 
 
 def test_labels_mask_the_prompt_and_end_with_eos(tokenizer) -> None:
-    from service.engine.chat_format import render
-    from service.prompt import compose_message
+    from llm.chat_format import render
+    from llm.prompt import compose_message
 
     ex = PAIRS[0]
     enc = encode(tokenizer, ex, max_len=512, max_target=100)

@@ -34,7 +34,7 @@ DOCTOR_FILES = ("cmd_im.jsonl", "medicalgpt_sft_1k.jsonl")  # real doctor-style 
 
 
 def repo_root() -> Path:
-    from service.settings import REPO_ROOT
+    from llm.paths import REPO_ROOT
 
     return REPO_ROOT
 
@@ -48,7 +48,7 @@ def shared_dialogues() -> Path | None:
 def build_base(model_dir: Path, text_files: list[Path]) -> Path:
     """Tokenizer (vocab 4,096: half the output-layer cost of 8,192, so more steps fit the budget) on the
     project text + the dialogues, then the tiny GLM, randomly initialised."""
-    from service.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
+    from llm.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
 
     files = local_corpus_files() + [p for p in text_files if p not in local_corpus_files()]
     train_tokenizer(iter_jsonl_text(files), model_dir / "tokenizer", vocab_size=4096)
@@ -62,11 +62,11 @@ def sample_answers(model_dir: Path, questions: list[str], with_brief: bool = Fal
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from service.engine.chat_format import render
-    from service.prompt import compose_message
+    from llm.chat_format import render
+    from llm.paths import cache_dir
+    from llm.prompt import compose_message
 
     from .features import brief_provider
-    from .trainer import cache_dir
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -85,8 +85,10 @@ def sample_answers(model_dir: Path, questions: list[str], with_brief: bool = Fal
 def run_demo(budget_s: float = 540, data_dir: Path | None = None, out_dir: Path | None = None,
              run_dir: Path | None = None) -> dict[str, object]:
 
+    from llm.paths import cache_dir
+
     from .merge import merge
-    from .trainer import Trainer, cache_dir
+    from .trainer import Trainer
 
     started = time.perf_counter()
     root = repo_root()

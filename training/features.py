@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.engine.chat_format import render
-from service.prompt import compose_message
+from llm.chat_format import render
+from llm.prompt import compose_message
 
 from .data import Example
 
@@ -70,9 +70,9 @@ def brief_provider(knowledge_path: Path | None, cache_dir: Path, brief_chars: in
     """
     try:
         from knowledge.search import Retriever
+        from llm.designer import PromptDesigner
+        from llm.paths import SAMPLE_LIBRARY
         from safety.triage import Triage
-        from service.designer import PromptDesigner
-        from service.settings import SAMPLE_LIBRARY
 
         retriever = Retriever.load_or_build(Path(knowledge_path or SAMPLE_LIBRARY), cache_dir / "index",
                                             progress=False)

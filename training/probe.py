@@ -89,8 +89,8 @@ def generate_answers(model: Any, tokenizer: Any, questions: list[str], max_new_t
     """Greedy answers (no repetition penalty: the probe must see loops the service's guard would hide)."""
     import torch
 
-    from service.engine.chat_format import render
-    from service.prompt import compose_message
+    from llm.chat_format import render
+    from llm.prompt import compose_message
 
     device = next(model.parameters()).device
     answers = []

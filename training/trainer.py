@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.engine.loading import resolve_device, resolve_dtype
+from llm.loading import resolve_device, resolve_dtype
+from llm.paths import cache_dir
 
 from .config import TrainConfig, pick_threads
 from .data import Example
@@ -127,13 +128,6 @@ def load_weights(model: Any, path: Path, cfg: TrainConfig) -> None:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-
-
-def cache_dir() -> Path:
-    """The service's cache (DOCTORGLM_CACHE_DIR, default .cache): the knowledge index is shared with it."""
-    from service.settings import Settings
-
-    return Settings().cache_dir
 
 
 class Trainer:

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .chat_format import build_prompt_ids
+from llm.chat_format import build_prompt_ids
+from llm.loading import LoadedModel
+
 from .detokenize import IncrementalDecoder
-from .loading import LoadedModel
 from .repetition import find_loop
 from .sampling import RowSampling, sample
 from .types import EngineError, EngineNotReady, Finished, GenerationRequest, QueueFull, TokenDelta

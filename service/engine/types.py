@@ -4,13 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class ChatTurn:
-    """One earlier exchange: what the patient said and what the assistant answered."""
-
-    user: str
-    assistant: str
+from llm.chat_format import ChatTurn, PromptTooLong
 
 
 @dataclass(frozen=True)
@@ -70,9 +64,9 @@ class EngineNotReady(EngineError):
     """The model is not loaded, or the engine is draining: the API answers 503."""
 
 
-class PromptTooLong(EngineError):
-    """The current message alone exceeds the prompt budget: the API answers 422."""
-
-
 class UpstreamError(EngineError):
     """The OpenAI-compatible upstream is down or answered an error: the API answers 503."""
+
+
+__all__ = ["ChatTurn", "EngineError", "EngineNotReady", "Finished", "GenerationRequest", "PromptTooLong",
+           "QueueFull", "SamplingParams", "TokenDelta", "UpstreamError"]

@@ -14,7 +14,7 @@ from knowledge.brief import Brief, write_brief, write_candidates
 from knowledge.search import Retriever, SearchResult
 from safety.triage import Triage
 
-from .engine.types import ChatTurn
+from .chat_format import ChatTurn
 from .prompt import compose_message, is_chinese
 
 UNCERTAIN_NOTE = {

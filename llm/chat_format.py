@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from .types import ChatTurn, PromptTooLong
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One earlier exchange: what the patient said and what the assistant answered."""
+
+    user: str
+    assistant: str
+
+
+class PromptTooLong(ValueError):
+    """The current message alone exceeds the prompt budget (the API answers 422)."""
+
 
 
 def chatglm_prompt(history: list[ChatTurn], message: str) -> str:

@@ -1,0 +1,66 @@
+"""Which model family a checkpoint directory holds, read from its config.json without running its code.
+
+One place names each family's facts that both serving and training need (LoRA target modules, whether
+an original directory must be converted first), so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    # Modules LoRA adapts on a model of this family as transformers 5 loads it (q and v, as the paper did).
+    lora_targets: tuple[str, ...]
+    # True for THUDM's original layouts (remote code, fused query_key_value): convert before loading.
+    needs_conversion: bool = False
+
+
+CHATGLM_6B = Family("chatglm-6b", ("query_key_value",), needs_conversion=True)
+CHATGLM2 = Family("chatglm2", ("query_key_value",), needs_conversion=True)
+CHATGLM3 = Family("chatglm3", ("query_key_value",), needs_conversion=True)
+# Converted ChatGLM-6B (the project's own class, model_type "chatglm6b-doctorglm"): fused q/k/v kept,
+# so LoRA on query_key_value adapts q, k and v together (peft cannot address a slice of a fused Linear).
+CHATGLM_6B_CONVERTED = Family("chatglm-6b (converted)", ("query_key_value",))
+# transformers' own GLM classes: ChatGLM2/3 after conversion, GLM-4 `-hf`, and the embedded tiny model.
+GLM = Family("glm", ("q_proj", "v_proj"))
+OTHER = Family("other", ("q_proj", "v_proj"))
+
+# The model_type the project's ChatGLM-6B implementation registers with the Auto classes.
+CHATGLM6B_MODEL_TYPE = "chatglm6b-doctorglm"
+
+
+def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def original_family(config: dict) -> Family | None:
+    """THUDM's original ChatGLM layouts, told apart by the fields each generation's config carries."""
+    if config.get("model_type") != "chatglm":
+        return None
+    if "position_encoding_2d" in config or "inner_hidden_size" in config:
+        return CHATGLM_6B
+    if "multi_query_group_num" in config or "padded_vocab_size" in config:
+        # ChatGLM3 names itself in _name_or_path; its tokenizer (role tokens) is the reliable tell
+        # when a fine-tuned copy renamed the directory.
+        name = str(config.get("_name_or_path", "")).lower()
+        return CHATGLM3 if "chatglm3" in name else CHATGLM2
+    return None
+
+
+def family_of(model_dir: Path) -> Family:
+    config = read_config(model_dir)
+    found = original_family(config)
+    if found is not None:
+        return found
+    model_type = config.get("model_type")
+    if model_type == CHATGLM6B_MODEL_TYPE:
+        return CHATGLM_6B_CONVERTED
+    if model_type in ("glm", "glm4"):
+        return GLM
+    return OTHER
