@@ -9,6 +9,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("DOCTORGLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# Tiny ChatGLM-6B / 2 / 3 checkpoints in THUDM's original layouts, with golden.json (what their own code computed).
+SHARED_CHATGLM = SHARED_DATA.parent / "models" / "chatglm"
+CHATGLM_FAMILIES = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,6 +24,21 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "diseases.jsonl").is_file():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def original_checkpoint(name: str) -> Path:
+    """One of the original-layout fixtures (chatglm-6b, chatglm2-6b, chatglm3-6b); skips when absent."""
+    folder = SHARED_CHATGLM / name
+    if not (folder / "golden.json").is_file():
+        pytest.skip(f"original ChatGLM fixtures not found at {SHARED_CHATGLM}")
+    return folder
+
+
+def golden(name: str) -> dict:
+    """What the checkpoint's own code computed (tokenize, chat, decode, lora, ptuning)."""
+    import json
+
+    return json.loads((original_checkpoint(name) / "golden.json").read_text(encoding="utf-8"))
 
 
 CACHE_DIR = REPO_ROOT / ".cache" / "tests"
