@@ -7,7 +7,10 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .convert.base import PrefixKV
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -26,6 +29,9 @@ class LoadedModel:
     tokenizer: Any
     device: Any
     name: str
+    # A P-tuning v2 prefix (DOCTORGLM_ADAPTER_PATH = a P-tuning checkpoint): the engine prepends these
+    # keys/values to every row's cache; the prompt's positions still start at 0.
+    prefix: PrefixKV | None = None
 
 
 def resolve_device(device: str) -> str:
