@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from llm.chat_format import build_prompt_ids
 from llm.loading import LoadedModel
+from llm.positions import position_scheme_for
 
 from .detokenize import IncrementalDecoder
 from .repetition import find_loop
@@ -98,6 +99,15 @@ class LocalEngine:
         # transformers 5.2x renamed forward's `past_key_values` to `cache`; remote code keeps the old name.
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.batched = self._supports_batched_cache()
+        # Each row's position state comes from the model family's scheme (ChatGLM-6B's are 2-D).
+        self.positions = position_scheme_for(self.model)
+        # A P-tuning v2 prefix: per layer (k, v) of (1, kv_heads, P, head_dim), prepended to every row's cache.
+        dtype = self.model.get_output_embeddings().weight.dtype
+        self.prefix = ([(k.to(self.device, dtype), v.to(self.device, dtype)) for k, v in loaded.prefix]
+                       if loaded.prefix else None)
+        self.prefix_len = int(self.prefix[0][0].shape[2]) if self.prefix else 0
+        if self.prefix and not self.batched:
+            raise ValueError("a P-tuning prefix needs a model with a transformers DynamicCache (the batched path)")
         self._waiting: collections.deque[_Row] = collections.deque()
         self._cv = threading.Condition()
         self._rows: list[_Row] = []
@@ -254,8 +264,8 @@ class LocalEngine:
 
     def _prefill(self, row: _Row) -> None:
         ids = torch.tensor([row.prompt_ids], device=self.device)
-        length = ids.shape[1]
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1) if self.batched else \
+        length = ids.shape[1] + self.prefix_len
+        out = self._batched_prefill(row.prompt_ids, ids) if self.batched else \
             self.model(**self.model.prepare_inputs_for_generation(ids, use_cache=True))
         logits = out.logits[:, -1, :]
         params = row.request.params
@@ -271,11 +281,29 @@ class LocalEngine:
             self._rows.append(row)
         self._accept(row, int(token[0]))
 
+    def _batched_prefill(self, prompt_ids: list[int], ids: torch.Tensor) -> Any:
+        """The prompt's forward for the batched path: family positions, and the prefix in the cache."""
+        kwargs: dict[str, Any] = {}
+        positions = self.positions.prefill(prompt_ids, self.device)
+        if self.prefix:
+            from transformers import DynamicCache
+
+            kwargs[self._cache_kw] = DynamicCache(ddp_cache_data=self.prefix)
+            kwargs["attention_mask"] = torch.ones((1, self.prefix_len + ids.shape[1]), dtype=torch.long,
+                                                  device=self.device)
+            # Positions start at 0 after a prefix (what ChatGLM's P-tuning v2 does), never at P.
+            if positions is None:
+                positions = torch.arange(ids.shape[1], device=self.device)[None, :]
+        if positions is not None:
+            kwargs["position_ids"] = positions
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+
     def _splice(self, row: _Row, cache: Any, length: int, token: torch.Tensor) -> None:
         """Add a prefilled row to the batch, left-padding whichever side is shorter."""
         new_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
         new_seen = torch.zeros((1, self.vocab_size), dtype=torch.bool, device=self.device)
-        position = torch.tensor([length], device=self.device)
+        new_seen[0, token] = True  # the prefill's token counts for the repetition penalty, as on the serial path
+        position = self.positions.first(row.prompt_ids, self.device)
         if self._cache is None:
             self._cache, self._mask, self._positions, self._next, self._seen = (
                 cache, new_mask, position, token, new_seen)
@@ -291,7 +319,7 @@ class LocalEngine:
                 mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
                 mine.values = torch.cat([mine.values, theirs.values], dim=0)
             self._mask = torch.cat([self._mask, new_mask], dim=0)
-            self._positions = torch.cat([self._positions, position])
+            self._positions = torch.cat([self._positions, position], dim=0)
             self._next = torch.cat([self._next, token])
             self._seen = torch.cat([self._seen, new_seen], dim=0)
         self._rows.append(row)
@@ -306,11 +334,12 @@ class LocalEngine:
             self._sampling = self._row_sampling(self._rows)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
         out = self.model(input_ids=self._next[:, None], attention_mask=self._mask,
-                         position_ids=self._positions[:, None], use_cache=True, **{self._cache_kw: self._cache})
+                         position_ids=self.positions.as_input(self._positions), use_cache=True,
+                         **{self._cache_kw: self._cache})
         self._cache = _output_cache(out)
         logits = self._suppress_eos(out.logits[:, -1, :], self._rows)
         tokens = sample(logits, self._sampling, self._seen, self._uniforms(self._rows))
-        self._positions += 1
+        self._positions = self.positions.advance(self._positions)
         self._next = tokens
         self._seen[torch.arange(len(self._rows), device=self.device), tokens] = True
         for row, token in zip(self._rows, tokens.tolist(), strict=True):
@@ -324,7 +353,7 @@ class LocalEngine:
             try:
                 ids = torch.tensor([row.prompt_ids + row.out_ids], device=self.device)
                 inputs = self.model.prepare_inputs_for_generation(
-                    ids, past_key_values=row.past, attention_mask=torch.ones_like(ids), use_cache=True)
+                    ids, attention_mask=torch.ones_like(ids), use_cache=True, **self._serial_cache_kwargs(row.past))
                 out = self.model(**inputs)
                 row.past = _output_cache(out)
                 params = row.request.params
@@ -339,6 +368,13 @@ class LocalEngine:
             except Exception as exc:  # noqa: BLE001 - this request fails alone
                 log.exception("serial decode failed")
                 self._finish(row, "error", error=f"generation failed: {type(exc).__name__}")
+
+    def _serial_cache_kwargs(self, past: Any) -> dict[str, Any]:
+        """transformers 5.2x slices the inputs by next_sequence_length and calls the cache `cache`;
+        remote code keeps `past_key_values` and slices by itself."""
+        if self._cache_kw == "cache":
+            return {"cache": past, "next_sequence_length": 1}
+        return {"past_key_values": past}
 
     def _row_sampling(self, rows: list[_Row]) -> RowSampling:
         params = [r.request.params for r in rows]

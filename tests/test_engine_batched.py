@@ -1,0 +1,170 @@
+"""The batched path against reference forwards: P-tuning v2 prefixes, per-family position schemes,
+and the repetition penalty on the batched and the serial path."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm.loading import LoadedModel, load_model
+from llm.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
+from service.engine.local import LocalEngine
+from service.engine.types import Finished, GenerationRequest, SamplingParams, TokenDelta
+
+QUESTION = "孩子发烧三天，咳嗽有痰，怎么办？"
+STEPS = 16
+GREEDY = SamplingParams(max_new_tokens=STEPS, min_new_tokens=STEPS, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    train_tokenizer(iter_jsonl_text(local_corpus_files()), root / "tok", vocab_size=1024)
+    return build_glm(root / "tok", root / "glm", size="micro", seed=3)
+
+
+def random_prefix(loaded: LoadedModel, length: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    config = loaded.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = (1, config.num_key_value_heads, length, head_dim)
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+            for _ in range(config.num_hidden_layers)]
+
+
+def run_engine(loaded: LoadedModel, requests: list[tuple[str, SamplingParams]], *, batched: bool = True,
+               scheme: object | None = None) -> list[tuple[list[str], Finished]]:
+    eng = LocalEngine(loaded, max_batch_size=8, context_tokens=512)
+    eng.batched = eng.batched and batched
+    if scheme is not None:
+        eng.positions = scheme  # type: ignore[assignment]
+    eng.start()
+
+    async def one(message: str, params: SamplingParams) -> tuple[list[str], Finished]:
+        pieces: list[str] = []
+        done = None
+        async for event in eng.stream(GenerationRequest(message=message, params=params)):
+            if isinstance(event, TokenDelta):
+                pieces.append(event.text)
+            else:
+                done = event
+        assert done is not None
+        return pieces, done
+
+    async def all_of() -> list[tuple[list[str], Finished]]:
+        return list(await asyncio.gather(*(one(m, p) for m, p in requests)))
+
+    try:
+        return asyncio.run(all_of())
+    finally:
+        eng.stop()
+
+
+def reference_greedy(loaded: LoadedModel, prompt_ids: list[int], prefix: list | None, steps: int,
+                     eos: set[int]) -> str:
+    """Greedy decoding by the model's own forward: a DynamicCache pre-filled with the prefix, positions from 0."""
+    from transformers import DynamicCache
+
+    model = loaded.model
+    cache = DynamicCache(ddp_cache_data=prefix) if prefix else DynamicCache()
+    p = prefix[0][0].shape[2] if prefix else 0
+    ids = list(prompt_ids)
+    new: list[int] = []
+    step_ids = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(steps):
+            start = len(ids) - step_ids.shape[1]
+            out = model(input_ids=step_ids, cache=cache, use_cache=True,
+                        attention_mask=torch.ones((1, p + len(ids)), dtype=torch.long),
+                        position_ids=torch.arange(start, len(ids))[None, :])
+            cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
+            logits = out.logits[0, -1].clone()
+            logits[sorted(eos)] = float("-inf")
+            token = int(logits.argmax())
+            new.append(token)
+            ids.append(token)
+            step_ids = torch.tensor([[token]])
+    return loaded.tokenizer.decode(new, skip_special_tokens=True)
+
+
+MIXED = [("头痛恶心" * i, SamplingParams(max_new_tokens=6 + 4 * i, temperature=1.1, top_p=0.8, top_k=20,
+                                      repetition_penalty=1.2, seed=i)) for i in range(1, 5)]
+
+
+def test_prefix_rows_match_the_reference_alone_and_in_a_mixed_batch(model_dir: Path) -> None:
+    loaded = load_model(model_dir)
+    loaded.prefix = random_prefix(loaded, length=5)
+    eng = LocalEngine(loaded, context_tokens=512)
+    prompt_ids = eng.prepare(GenerationRequest(message=QUESTION, params=GREEDY))
+    expected = reference_greedy(loaded, prompt_ids, loaded.prefix, STEPS, eng.eos_ids)
+    without_prefix = reference_greedy(loaded, prompt_ids, None, STEPS, eng.eos_ids)
+    assert expected != without_prefix  # the prefix really changes the answer
+
+    (alone, done), = run_engine(loaded, [(QUESTION, GREEDY)])
+    assert "".join(alone) == expected and done.completion_tokens == STEPS
+    mixed = run_engine(loaded, [*MIXED, (QUESTION, GREEDY)])
+    assert "".join(mixed[-1][0]) == expected
+
+
+def test_without_prefix_the_engine_matches_the_reference(model_dir: Path) -> None:
+    loaded = load_model(model_dir)
+    eng = LocalEngine(loaded, context_tokens=512)
+    prompt_ids = eng.prepare(GenerationRequest(message=QUESTION, params=GREEDY))
+    expected = reference_greedy(loaded, prompt_ids, None, STEPS, eng.eos_ids)
+    mixed = run_engine(loaded, [*MIXED, (QUESTION, GREEDY)])
+    assert "".join(mixed[-1][0]) == expected
+
+
+class TwoColumnLinear:
+    """A 2-D position state (position, block) whose input is its first column: the engine must carry a
+    (B, 2) state through joins, leaves and steps without knowing its shape."""
+
+    def prefill(self, prompt_ids: list[int], device: torch.device) -> torch.Tensor | None:
+        return torch.arange(len(prompt_ids), device=device)[None, :]
+
+    def first(self, prompt_ids: list[int], device: torch.device) -> torch.Tensor:
+        return torch.tensor([[len(prompt_ids), 1]], device=device)
+
+    def as_input(self, state: torch.Tensor) -> torch.Tensor:
+        return state[:, :1]
+
+    def advance(self, state: torch.Tensor) -> torch.Tensor:
+        return state + torch.tensor([1, 1], device=state.device)
+
+
+class StretchedPositions(TwoColumnLinear):
+    """Positions 0, 3, 6, ... (rotary attention sees only distances, so a shift would change nothing):
+    a scheme the engine really uses changes the output."""
+
+    def prefill(self, prompt_ids: list[int], device: torch.device) -> torch.Tensor | None:
+        return 3 * torch.arange(len(prompt_ids), device=device)[None, :]
+
+    def as_input(self, state: torch.Tensor) -> torch.Tensor:
+        return 3 * state[:, :1]
+
+
+def test_a_two_dimensional_position_state_runs_through_the_batch(model_dir: Path) -> None:
+    loaded = load_model(model_dir)
+    plain = run_engine(loaded, [*MIXED, (QUESTION, GREEDY)])
+    two_d = run_engine(loaded, [*MIXED, (QUESTION, GREEDY)], scheme=TwoColumnLinear())
+    shifted = run_engine(loaded, [(QUESTION, GREEDY)], scheme=StretchedPositions())
+    assert "".join(two_d[-1][0]) == "".join(plain[-1][0])
+    assert [d.completion_tokens for _, d in two_d] == [d.completion_tokens for _, d in plain]
+    assert "".join(shifted[0][0]) != "".join(plain[-1][0])
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.3])
+def test_batched_and_serial_paths_apply_the_same_repetition_penalty(model_dir: Path, penalty: float) -> None:
+    # 0.3 rewards repeats, so the second token already shows whether the prefill's token was counted as seen.
+    loaded = load_model(model_dir)
+    penalised = SamplingParams(max_new_tokens=40, min_new_tokens=40, temperature=0.0, repetition_penalty=penalty)
+    unpenalised = SamplingParams(max_new_tokens=40, min_new_tokens=40, temperature=0.0)
+    questions = [QUESTION, "头痛恶心两天", "胃痛怎么办"]
+    batched = run_engine(loaded, [(q, penalised) for q in questions])
+    serial = run_engine(loaded, [(q, penalised) for q in questions], batched=False)
+    plain = run_engine(loaded, [(q, unpenalised) for q in questions])
+    assert ["".join(t) for t, _ in batched] == ["".join(t) for t, _ in serial]
+    assert ["".join(t) for t, _ in batched] != ["".join(t) for t, _ in plain]  # the penalty is in force
