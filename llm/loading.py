@@ -64,18 +64,31 @@ def needs_remote_code(model_dir: Path) -> bool:
 
 
 def load_model(model_dir: Path, *, adapter_dir: Path | None = None, dtype: str = "auto",
-               device: str = "auto", quantization: str = "none", trust_remote_code: bool = False) -> LoadedModel:
-    """Load tokenizer + model, merge the adapter at load, quantise after the merge (CUDA only)."""
+               device: str = "auto", quantization: str = "none", trust_remote_code: bool = False,
+               cache_dir: Path | None = None) -> LoadedModel:
+    """Load tokenizer + model, merge the adapter at load, quantise after the merge (CUDA only).
+
+    An original ChatGLM-6B/2/3 directory is converted once into `<cache_dir>/converted/` (an original-layout
+    LoRA adapter merged during the conversion) and the converted copy is served; no remote code runs. A
+    P-tuning v2 checkpoint or peft prefix adapter becomes `LoadedModel.prefix`.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .families import CHATGLM_6B_CONVERTED, family_of, original_family, read_config
+
+    model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir} has no config.json: point DOCTORGLM_MODEL_PATH at a model directory")
-    if needs_remote_code(model_dir) and not trust_remote_code:
+    if original_family(read_config(model_dir)) is not None:
+        model_dir, adapter_dir = converted_original(model_dir, adapter_dir, cache_dir)
+    elif needs_remote_code(model_dir) and not trust_remote_code:
         raise ModelLoadError(
-            f"{model_dir} ships its own modeling code (config.json auto_map, e.g. ChatGLM-6B/2/3): "
+            f"{model_dir} ships its own modeling code (config.json auto_map): "
             "review it, then set DOCTORGLM_TRUST_REMOTE_CODE=true to run it"
         )
+    if family_of(model_dir) is CHATGLM_6B_CONVERTED:
+        import llm.chatglm6b  # noqa: F401  (registers the project's ChatGLM-6B class with the Auto classes)
     target_device = resolve_device(device)
     if quantization != "none" and target_device != "cuda":
         raise ModelLoadError(
@@ -86,13 +99,50 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, dtype: str =
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
     )
-    if adapter_dir is not None:
+    prefix_source = adapter_dir if adapter_dir is not None and is_prefix(adapter_dir) else None
+    if adapter_dir is not None and prefix_source is None:
         model = attach_adapter(model, adapter_dir)
     model = quantize_merged(model, quantization) if quantization != "none" else model.to(target_device)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, device=torch.device(target_device), name=model_dir.name)
+    prefix = load_prefix_for(model, prefix_source) if prefix_source is not None else None
+    return LoadedModel(model=model, tokenizer=tokenizer, device=torch.device(target_device), name=model_dir.name,
+                       prefix=prefix)
+
+
+def converted_original(model_dir: Path, adapter_dir: Path | None, cache_dir: Path | None) -> tuple[Path, Path | None]:
+    """(the converted copy to serve, the adapter still to apply at load): an original-layout LoRA is merged
+    by the conversion, any other adapter (prefix, LoRA for the converted layout) is left for the load."""
+    from .convert import ConversionError
+    from .convert.cache import ensure_converted
+    from .convert.original_lora import AdapterError, targets_original_layout
+    from .convert.shards import ShardError, tensor_names
+    from .paths import cache_dir as default_cache_dir
+
+    try:
+        merge_now = adapter_dir is not None and targets_original_layout(adapter_dir, set(tensor_names(model_dir)))
+        converted = ensure_converted(model_dir, cache_dir or default_cache_dir(), adapter_dir if merge_now else None)
+    except (ConversionError, AdapterError, ShardError, OSError) as exc:
+        raise ModelLoadError(f"cannot convert the original checkpoint {model_dir}: {exc}") from exc
+    return converted, None if merge_now else adapter_dir
+
+
+def is_prefix(adapter_dir: Path) -> bool:
+    from .prefix import prefix_kind
+
+    return prefix_kind(adapter_dir) is not None
+
+
+def load_prefix_for(model: Any, adapter_dir: Path) -> PrefixKV:
+    from .prefix import PrefixError, load_prefix
+
+    try:
+        prefix = load_prefix(adapter_dir, model)
+    except (PrefixError, OSError, KeyError) as exc:
+        raise ModelLoadError(f"cannot serve the prefix in {adapter_dir}: {exc}") from exc
+    log.info("P-tuning v2 prefix of %d tokens from %s", prefix[0][0].shape[2], adapter_dir)
+    return prefix
 
 
 def attach_adapter(model: Any, adapter_dir: Path) -> Any:
@@ -106,10 +156,18 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
     if "LORA" not in peft_type.upper():
         raise ModelLoadError(
             f"{adapter_dir} is a {peft_type} adapter, which cannot be merged into the weights: serve LoRA "
-            "adapters, or export a P-tuning model with `python -m training merge` first"
+            "adapters, P-tuning v2 checkpoints or peft prefix adapters"
         )
     log.info("merging adapter %s", adapter_dir)
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as exc:
+        # e.g. DoctorGLM's query_key_value LoRA on an already converted ChatGLM2/3 (q/k/v split).
+        raise ModelLoadError(
+            f"the adapter {adapter_dir} does not fit this model ({exc}); an adapter trained on an ORIGINAL "
+            "ChatGLM layout merges when DOCTORGLM_MODEL_PATH is the original directory, or with "
+            "`python -m training convert SOURCE OUT --adapter ADAPTER`"
+        ) from exc
 
 
 def quantize_merged(model: Any, quantization: str) -> Any:

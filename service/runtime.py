@@ -89,6 +89,6 @@ def make_engine(settings: Settings, *, progress: bool = True) -> Any:
     model_dir = settings.model_path or ensure_default_model(settings.cache_dir, progress=progress)
     loaded = load_model(model_dir, adapter_dir=settings.adapter_path, dtype=settings.dtype,
                         device=settings.device, quantization=settings.quantization,
-                        trust_remote_code=settings.trust_remote_code)
+                        trust_remote_code=settings.trust_remote_code, cache_dir=settings.cache_dir)
     return LocalEngine(loaded, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                        context_tokens=settings.context_tokens, repetition_guard=settings.repetition_guard)
