@@ -32,9 +32,17 @@ lint: $(STAMP)
 eval: $(STAMP)
 	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data $(SHARED)/eval/dxy_dev.jsonl \
 		--label-map $(SHARED)/eval/label_map.json
-	@echo "adult complaints (project-written probes: tuned, then blind):"
+	@echo "dxy_dev as free text, as EHR symptom lists and as structured records, halves a (tuned) and b:"
+	@for form in text list structured; do for half in a b; do \
+		$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data $(SHARED)/eval/dxy_dev.jsonl \
+			--label-map $(SHARED)/eval/label_map.json --form $$form --split $$half --quiet; done; done
+	@echo "adult complaints (project-written probes: tuned, blind, blind 2):"
 	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_complaints.jsonl
 	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_blind.jsonl
+	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_lay_blind2.jsonl --quiet
+	@echo "EHR symptom lists (blind probe), as the list line and as the structured record:"
+	@for form in list structured; do $(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl \
+		--data knowledge/data/probes/ehr_lists_blind.jsonl --form $$form --quiet; done
 	$(PY) -m safety eval
 
 bench: $(STAMP)

@@ -50,10 +50,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from knowledge.evaluate import evaluate
 
     r = _retriever(args)
-    out = evaluate(r, Path(args.data), Path(args.label_map) if args.label_map else None, split=args.split)
-    print(f"n={out['n']}  top-1={out['top1']:.1%}  top-5={out['top5']:.1%}  MRR={out['mrr']:.3f}  "
+    out = evaluate(r, Path(args.data), Path(args.label_map) if args.label_map else None, split=args.split,
+                   form=args.form)
+    print(f"[{args.form}, split {args.split}] "
+          f"n={out['n']}  top-1={out['top1']:.1%}  top-5={out['top5']:.1%}  MRR={out['mrr']:.3f}  "
           f"confident={out['confident_share']:.0%} (precision "
           f"{(out['confident_precision'] or 0):.0%})  p50={out['p50_ms']:.2f} ms")
+    if args.quiet:
+        return 0
     print("ten worst misses (most confidently wrong first):")
     for m in out["worst_misses"]:
         print(f"  [{m['label']}] {m['query'][:60]} -> {' / '.join(m['got'][:3])}")
@@ -96,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-map", default=None)
     p.add_argument("--split", choices=("all", "a", "b"), default="all",
                    help="a = tuning half, b = held-out half of the file (fixed seed)")
+    p.add_argument("--form", choices=("text", "list", "structured"), default="text",
+                   help="the complaint as written, its findings as an EHR list string, or as a record")
+    p.add_argument("--quiet", action="store_true", help="one line: no worst misses")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("import", help="normalise another library shape into the schema")
     p.add_argument("source")

@@ -13,19 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from knowledge.schema import Disease
-
-AGE_PREFIXES = ("小儿", "婴幼儿", "婴儿", "儿童", "新生儿", "幼儿")
-
-
-def strip_age(name: str) -> str:
-    name = name.strip()
-    changed = True
-    while changed:  # "新生儿小儿X" style double prefixes
-        changed = False
-        for p in AGE_PREFIXES:
-            if name.startswith(p) and len(name) > len(p):
-                name, changed = name[len(p):], True
-    return name
+from knowledge.symptom_sets import as_form
+from knowledge.text import strip_age
 
 
 def label_targets(label: str, label_map: dict[str, str]) -> list[str]:
@@ -59,8 +48,8 @@ def load_cases(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             rec = json.loads(line)
-            if not rec.get("query") or not rec.get("label_disease"):
-                raise ValueError(f"{path}:{number}: needs 'query' and 'label_disease'")
+            if not (rec.get("query") or rec.get("patient")) or not rec.get("label_disease"):
+                raise ValueError(f"{path}:{number}: needs 'query' (or 'patient') and 'label_disease'")
             cases.append(rec)
     return cases
 
@@ -76,18 +65,22 @@ def split_half(cases: Sequence[dict], part: str, seed: int = 9) -> list[dict]:
 
 
 def evaluate(retriever, jsonl_path: Path | str | Sequence[dict], label_map_path: Path | str | None = None,
-             k: int = 5, split: str = "all") -> dict:
-    """Top-1 / top-k accuracy, MRR (within the top k) and the ten worst misses."""
+             k: int = 5, split: str = "all", form: str = "text") -> dict:
+    """Top-1 / top-k accuracy, MRR (within the top k) and the ten worst misses. ``form``: the complaint as
+    written ("text"), its findings as an EHR list string ("list") or as a structured record with no free
+    text ("structured"); see knowledge/symptom_sets.py. Rows without findings are left out of list forms."""
     label_map = load_label_map(Path(label_map_path) if label_map_path else None)
     cases = load_cases(Path(jsonl_path)) if isinstance(jsonl_path, (str, Path)) else list(jsonl_path)
     cases = split_half(cases, split)
+    if form != "text":
+        cases = [c for c in (as_form(row, form) for row in cases) if c is not None]
     top1 = topk = 0
     rr = 0.0
     misses = []
     latencies = []
     confident_right = confident_n = 0
     for case in cases:
-        res = retriever.search(case["query"], k=k)
+        res = retriever.search(case["query"], k=k, **({"patient": case["patient"]} if "patient" in case else {}))
         latencies.append(res.latency_ms)
         # A probe may name other library names for the same condition ("also_correct": 肩关节周围炎 for 肩周炎).
         labels = [case["label_disease"], *case.get("also_correct", [])]

@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from knowledge.evidence import AlignedFields
 from knowledge.schema import Disease, LibraryError, load_library
 from knowledge.text import DATA_DIR, TextProcessor, clean_term, cue_words, normalise
 
-INDEX_VERSION = 11  # bump when the on-disk layout or the tokenisation code changes
+INDEX_VERSION = 12  # bump when the on-disk layout or the tokenisation code changes
 FIELDS = ("name", "symptoms", "prose", "all")  # "all" is the plain-BM25 single field
 # Word lists that change document tokens or flags (lay_terms.json is query-side only).
 INDEX_DATA_FILES = ("stopwords.txt", "generic_words.txt", "cue_words.json")
@@ -96,12 +97,6 @@ class DocMeta:
     prevalence: np.ndarray  # percent; NaN when unknown
     mentions: np.ndarray  # how many other documents list this disease among their complications
     n_symptom_terms: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    child_dept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # paediatric department
-
-
-def _child_dept(d: Disease) -> bool:
-    dept = "".join(d.department)
-    return any(m in dept for m in cue_words()["child_departments"])
 
 
 def _doc_flags(d: Disease) -> tuple[bool, bool, bool, bool, bool, bool]:
@@ -147,6 +142,33 @@ def _field_texts(d: Disease, settings: IndexSettings) -> dict[str, str]:
     }
 
 
+class _LogLines:
+    """Progress for a log: a plain line every few seconds (a tqdm bar off a terminal writes a carriage-
+    return line per refresh, hundreds of them in a log file)."""
+
+    def __init__(self, total: int, desc: str, every_s: float = 5.0) -> None:
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.done = 0
+        self._start = self._last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            print(f"{self.desc}: {self.done}/{self.total}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(f"{self.desc}: {self.done}/{self.total} in {time.monotonic() - self._start:.1f}s",
+              file=sys.stderr, flush=True)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm | _LogLines:
+    if enabled and not sys.stderr.isatty():
+        return _LogLines(total, desc)
+    return tqdm(total=total, desc=desc, unit="doc", disable=not enabled)
+
+
 # Worker state for the parallel tokeniser (set by fork; one TextProcessor per process).
 _WORKER: TextProcessor | None = None
 
@@ -160,7 +182,7 @@ def _tokenise_all(proc: TextProcessor, docs: list[dict[str, str]], progress: boo
     global _WORKER
     _WORKER = proc
     proc.cut("预热")  # build the prefix dictionary before forking, once
-    bar = tqdm(total=len(docs), desc="tokenising library", unit="doc", disable=not progress)
+    bar = _progress(len(docs), "tokenising library", progress)
     workers = min(os.cpu_count() or 1, 8)
     try:
         if workers > 1 and len(docs) > 500 and "fork" in mp.get_all_start_methods():
@@ -244,7 +266,6 @@ class LibraryIndex:
             elderly=flags[:, 4], adult_only=flags[:, 5],
             prevalence=np.array([np.nan if p is None else p for p in prev]),
             mentions=complication_mentions(diseases),
-            child_dept=np.array([_child_dept(d) for d in diseases], dtype=bool),
         )
         index = cls(library_path, settings, proc, fields, meta)
         index._all_tokens = [t["all"] for t in tokens]
@@ -259,7 +280,7 @@ class LibraryIndex:
         m = self.meta
         np.savez(tmp / "flags.npz", child=m.child, child_only=m.child_only, female=m.female, male=m.male,
                  elderly=m.elderly, adult_only=m.adult_only, prevalence=m.prevalence,
-                 mentions=m.mentions, child_dept=m.child_dept)
+                 mentions=m.mentions)
         meta = {"ids": m.ids, "names": m.names, "aliases": m.aliases, "symptoms": m.symptoms,
                 "offsets": m.offsets, "library": str(self.library_path), "settings": asdict(self.settings)}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")

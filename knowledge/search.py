@@ -3,8 +3,10 @@
 Ranking = weighted per-field BM25 (name/aliases, symptoms, prose; the three posting lists merged per term
 and cached, so one bincount scores a query), plus an IDF-weighted coverage of the patient's symptom words,
 plus priors from the library's own fields: prevalence, commonness (how many other documents list the
-disease as a complication) and department / susceptible people vs. patient cues. An optional
-symptom-overlap re-rank of the best candidates is off by default. `mode="plain"` is classic single-field
+disease as a complication) and department / susceptible people vs. patient cues (from the text, or from
+a structured `PatientContext`: listed symptoms are searched as symptoms, denied ones are removed as the
+text's negated words are, a stated age or sex replaces the guessed one).
+`mode="plain" is classic single-field
 BM25 (equal to rank-bm25 BM25Okapi with epsilon=0), kept for benchmarks and as a reference.
 """
 
@@ -22,9 +24,9 @@ import ahocorasick
 import bm25s
 import numpy as np
 
-from knowledge.evaluate import strip_age
 from knowledge.evidence import EvidenceTable, EvidenceWeights
 from knowledge.index import IndexSettings, LibraryIndex
+from knowledge.patient import PatientContext
 from knowledge.schema import Disease
 from knowledge.text import (
     PatientCues,
@@ -36,6 +38,7 @@ from knowledge.text import (
     normalise,
     patient_cues,
     split_compounds,
+    strip_age,
 )
 
 
@@ -52,20 +55,12 @@ class SearchSettings:
     generic_ratio: float = 40.0  # drop words far more common in general Chinese than in the library
     name_symptom_df: float = 30.0  # a word listed as a symptom of many diseases says little via a name
     history_decay: float = 0.5  # weight of a turn = decay ** (turns back from the present)
-    rerank_depth: int = 50
     w_prevalence: float = 0.3  # per decade of prevalence (percent, log10)
     w_mentions: float = 0.25  # per log1p(other documents listing the disease as a complication)
     prevalence_cap: float = 100.0  # percent; "90%" prevalences in scraped libraries are noise, not fact
     default_prevalence: float = 0.005  # the library's median, for documents without one
-    # "log": w_prevalence * log10(percent). "rank": w_prevalence_rank * the percentile of the document's
-    # prevalence within the library (0..1), so scraped extremes ("90%" vs "0.001%") are compressed.
-    prevalence_mode: str = "log"  # "rank" tried on half a: top-1 -5 points, so log stays
-    w_prevalence_rank: float = 1.0
     mentions_cap: int = 100_000
     w_child_match: float = 0.5  # dxy_dev half a: 0.3 -> 0.5 lifted top-1 27.5% -> 30.8%
-    # Extra for a paediatric department (not just children among the susceptible people). Tried 0.3 and
-    # 0.6 on dxy_dev half a: both worse (common entries of adult departments lose to paediatric ones).
-    w_child_dept: float = 0.0
     w_child_mismatch: float = 0.12
     w_adult_child_only: float = 0.3
     w_sex_mismatch: float = 0.3
@@ -75,7 +70,6 @@ class SearchSettings:
     # not outvote a specific symptom match. Adult probe (tuned): top-5 51% -> 60%; dxy_dev (children):
     # the 35 complaints without an age word lose ~1 point of top-1, top-5 unchanged.
     prior_scale_without_child: float = 0.5
-    w_overlap: float = 0.0  # off: with the coverage term it only added noise on dxy_dev half a
     w_symptom_entry: float = 0.6  # entries named after a symptom (发烧, 咳嗽) explain nothing
     symptom_entry_df: int = 100  # ...when at least this many documents list that name as a symptom
     scan_weight: float = 0.5  # library symptom words found inside the (rewritten) complaint text
@@ -145,15 +139,8 @@ class Retriever:
         self.settings = settings or SearchSettings()
         m = index.meta
         prev = np.where(np.isnan(m.prevalence), self.settings.default_prevalence, m.prevalence)
-        if self.settings.prevalence_mode == "rank":
-            known = np.sort(np.clip(prev, 1e-4, self.settings.prevalence_cap))
-            lo = np.searchsorted(known, np.clip(prev, 1e-4, self.settings.prevalence_cap), side="left")
-            hi = np.searchsorted(known, np.clip(prev, 1e-4, self.settings.prevalence_cap), side="right")
-            self._prev_prior = self.settings.w_prevalence_rank * (lo + hi) / (2 * max(len(known), 1))
-        else:
-            self._prev_prior = self.settings.w_prevalence * np.log10(np.clip(prev, 1e-4, self.settings.prevalence_cap))
+        self._prev_prior = self.settings.w_prevalence * np.log10(np.clip(prev, 1e-4, self.settings.prevalence_cap))
         self._log_mentions = np.log1p(np.minimum(m.mentions, self.settings.mentions_cap).astype(float))
-        self._sym_len = np.array([max(len(s), 1) for s in m.symptoms], dtype=float)
         self._user_words = set(index.text.user_words)
         self._weight_cache: dict[str, float | None] = {}  # word -> _search_weight
         self._name_rows: dict[str, list[int]] = {}
@@ -267,16 +254,22 @@ class Retriever:
         return list(found)
 
     # -- query side -------------------------------------------------------------------------------
-    def _query(self, query: str, history: Sequence[str]) -> tuple[Counter[str], QueryTerms, dict[str, float]]:
-        """Weighted search words, the current turn's terms and the disease names the patient wrote."""
+    def _query(self, query: str, history: Sequence[str], patient: PatientContext | None = None,
+               ) -> tuple[Counter[str], QueryTerms, dict[str, float]]:
+        """Weighted search words, the current turn's terms (with the record's denied symptoms among its
+        negated ones) and the disease names the patient wrote."""
         s = self.settings
         weights: Counter[str] = Counter()
         named: dict[str, float] = {}
         current = self.index.text.query_terms(query)
         turns = [*decayed(list(history), s.history_decay), (query, 1.0)]
+        if patient is not None:
+            current.negated.extend(self._denied_terms(patient.negated_symptoms))
+            if patient.symptoms:  # listed findings: a turn of their own, as present as the complaint
+                turns.append(("、".join(patient.symptoms), 1.0))
         for i, (text, w) in enumerate(turns):
-            is_now = i == len(turns) - 1
-            qt = current if is_now else self.index.text.query_terms(text)
+            is_now = i >= len(history)
+            qt = current if i == len(history) else self.index.text.query_terms(text)
             # Repeats count with diminishing returns, so one long complaint does not drown the rest.
             lay = lay_terms()
             for group, factor in ((qt.terms, 1.0), (qt.subterms, s.subword_weight)):
@@ -297,7 +290,16 @@ class Retriever:
                     for t in (term, *lay_terms().get(term, ())):
                         weights.pop(t, None)  # "no fever now" overrides fever mentioned earlier
                         named.pop(t, None)
+        current.negated = list(dict.fromkeys(current.negated))
         return Counter({t: v for t, v in weights.items() if v > 0}), current, named
+
+    def _denied_terms(self, denied: Sequence[str]) -> list[str]:
+        """The search words of a record's denied symptoms (each as written and as the tokenizer splits it)."""
+        out: list[str] = []
+        for item in denied:
+            qt = self.index.text.query_terms(item)
+            out.extend([normalise(item.strip()), *qt.terms, *qt.subterms])
+        return [t for t in dict.fromkeys(out) if t]
 
     def _name_bonus(self, named: dict[str, float]) -> dict[int, float]:
         """Row -> evidence for the disease names the patient wrote (the largest, when several)."""
@@ -355,8 +357,6 @@ class Retriever:
         child, child_only = m.child[rows], m.child_only[rows]
         if cues.child:
             prior += s.w_child_match * child - s.w_child_mismatch * m.adult_only[rows]
-            if s.w_child_dept and len(m.child_dept):
-                prior += s.w_child_dept * m.child_dept[rows]
         elif cues.adult:
             prior -= s.w_adult_child_only * child_only
         if cues.sex == "male":
@@ -373,16 +373,6 @@ class Retriever:
         ip = model.scores["indptr"]
         return model.scores["indices"][ip[tid]:ip[tid + 1]]
 
-    def _overlap(self, rows: np.ndarray, text: str, negated: set[str]) -> np.ndarray:
-        # Share of a disease's listed symptoms that the patient states (negated ones do not count).
-        sym = self.index.meta.symptoms
-        out = np.zeros(len(rows))
-        for i, r in enumerate(rows):
-            hits = sum(1 for t in sym[r] if t in text and t not in negated)
-            if hits:
-                out[i] = hits / math.sqrt(self._sym_len[r])
-        return out
-
     def _suspect_rows(self, suspects: Sequence[str]) -> dict[int, float]:
         rows: dict[int, float] = {}
         for name in suspects:
@@ -391,9 +381,10 @@ class Retriever:
         return rows
 
     def search(self, query: str, history: Sequence[str] = (), k: int = 5,
-               suspects: Sequence[str] = ()) -> SearchResult:
+               suspects: Sequence[str] = (), patient: PatientContext | None = None) -> SearchResult:
         """Rank the library for a complaint (+ earlier patient turns). ``suspects``: condition names the
-        safety rules suspect (see safety/data/red_flags.json); their documents are ranked first."""
+        safety rules suspect (see safety/data/red_flags.json); their documents are ranked first.
+        ``patient``: a structured record (age, sex, symptoms present and denied) read beside the text."""
         start = time.perf_counter()
         s = self.settings
         if s.mode == "plain":
@@ -404,10 +395,12 @@ class Retriever:
             final = scores[rows]
             keywords, negated, cues = list(dict.fromkeys(tokens)), [], PatientCues()
         else:
-            weights, current, named = self._query(query, history)
+            weights, current, named = self._query(query, history, patient)
             keywords, negated = list(weights), current.negated
             all_text = normalise(" ".join([*history, query]))
             cues = patient_cues(all_text, [*current.tokens, *(t for h in history for t in h.split())])
+            if patient is not None:
+                cues = patient.apply_to(cues)
             ev = self._evidence.score(weights)
             bm, cov, n_hit, n_query = ev.bm25, ev.coverage, ev.symptom_hits, ev.n_symptom_words
             top = bm.max() if self.size else 0.0
@@ -428,13 +421,9 @@ class Retriever:
                 if s.w_single and n_query >= 2:
                     final -= s.w_single * (n_hit <= 1)
                 final[no_match] = -np.inf
-                rows = _top(final, s.rerank_depth)
+                rows = _top(final, k)
                 rows = rows[np.isfinite(final[rows])]
                 final = final[rows]
-                if s.w_overlap:
-                    final = final + s.w_overlap * self._overlap(rows, normalise(query), set(negated))
-                order = np.argsort(-final, kind="stable")[:k]
-                rows, final = rows[order], final[order]
             else:
                 rows, final = np.zeros(0, dtype=int), np.zeros(0)
         matcher = _automaton(keywords) if keywords and len(rows) else None

@@ -72,6 +72,19 @@ def body_parts() -> dict[str, str]:
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
+def strip_age(name: str) -> str:
+    """A disease name without its age prefixes (cue_words.json `age_prefixes`): 小儿腹泻 -> 腹泻."""
+    name = name.strip()
+    prefixes = sorted(cue_words()["age_prefixes"], key=len, reverse=True)
+    changed = True
+    while changed:  # "新生儿小儿X" style double prefixes
+        changed = False
+        for p in prefixes:
+            if name.startswith(p) and len(name) > len(p):
+                name, changed = name[len(p):], True
+    return name
+
+
 def _longest_first(words: Iterable[str]) -> re.Pattern[str]:
     """An alternation that, at each position, matches the longest of the words."""
     return re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))

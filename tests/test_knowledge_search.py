@@ -51,7 +51,13 @@ def test_search_interface(tiny: Retriever) -> None:
     assert set(hit) == {"id", "name", "score", "matched_keywords", "matched_fields"}
     assert "symptoms" in hit["matched_fields"] and hit["matched_keywords"]
     assert res.latency_ms > 0 and tiny.size == 5 and tiny.get("d3").name == "偏头痛"
-    assert isinstance(res.confident, bool)
+    # Confident exactly when the best score leads the second by the margin (child cue: the child margin).
+    scores = [h.score for h in tiny.search("宝宝1岁，拉肚子还吐，有点发烧", k=2).hits]
+    assert res.confident == (scores[0] - scores[1] >= tiny.settings.confident_margin)
+    strict = Retriever(tiny.index, SearchSettings(confident_margin=scores[0] - scores[1] + 1e-6))
+    loose = Retriever(tiny.index, SearchSettings(confident_margin=scores[0] - scores[1] - 1e-6))
+    assert not strict.search("宝宝1岁，拉肚子还吐，有点发烧").confident
+    assert loose.search("宝宝1岁，拉肚子还吐，有点发烧").confident
 
 
 def test_adult_queries(tiny: Retriever) -> None:
@@ -183,8 +189,8 @@ def test_prose_only_words_weigh_less(tiny: Retriever) -> None:
     assert tiny._specificity("总称") == 1.0  # too rare in a 5-document library to judge
 
 
-def test_paediatric_department_flag(tiny: Retriever) -> None:
-    flags = dict(zip(tiny.index.meta.ids, tiny.index.meta.child_dept.tolist(), strict=True))
+def test_paediatric_flag(tiny: Retriever) -> None:
+    flags = dict(zip(tiny.index.meta.ids, tiny.index.meta.child.tolist(), strict=True))
     assert flags == {"d1": False, "d2": True, "d3": False, "d4": False, "d5": False}
 
 
@@ -224,3 +230,18 @@ def test_confidence_margin_depends_on_whether_the_patient_is_a_child(tmp_path: P
     assert len(child.hits) > 1 and len(adult.hits) > 1
     assert child.cues["child"] and child.confident
     assert not adult.cues["child"] and not adult.confident
+
+
+def test_progress_off_a_terminal_is_a_few_plain_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    from knowledge.index import _progress
+
+    bar = _progress(1000, "tokenising library", True)  # pytest's stderr is not a terminal
+    for _ in range(1000):
+        bar.update()
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") <= 2 and "1000/1000" in err
+    silent = _progress(10, "x", False)
+    silent.update()
+    silent.close()
+    assert capsys.readouterr().err == ""
