@@ -44,6 +44,9 @@ class LinearPositions:
 
 
 def position_scheme_for(model: object) -> PositionScheme:
-    """The model's own scheme when its class defines one (ChatGLM-6B), else 0, 1, 2, ..."""
+    """The model's own scheme when its class defines one (ChatGLM-6B), else 0, 1, 2, ...
+
+    A model's scheme is built from the model's config (ChatGLM-6B's special ids differ by checkpoint).
+    """
     scheme = getattr(type(model), "position_scheme", None)
-    return scheme() if scheme is not None else LinearPositions()
+    return scheme(model.config) if scheme is not None else LinearPositions()
