@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,16 +31,17 @@ def main() -> int:
 
     from .app import create_app
     from .logging_setup import configure_logging
+    from .protocol import guarded_protocol
     from .runtime import build_runtime, load_runtime
     from .settings import Settings, SettingsError, check_settings
 
-    configure_logging(os.environ.get("DOCTORGLM_LOG_LEVEL", "INFO"))
     try:
         settings = Settings()
         check_settings(settings)
     except (SettingsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_level)
     try:
         sock = _bind(settings.host, settings.port)
     except OSError as exc:
@@ -62,40 +62,31 @@ def main() -> int:
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM/SIGINT drain: /readyz and new requests answer 503 at once while the server keeps
-        listening; in-flight streams may finish within DOCTORGLM_DRAIN_GRACE_S, then the engine ends the
-        rest with an `error` event; then uvicorn shuts down and the process exits 0. A second SIGINT
-        (or SIGTERM) stops at once."""
+        listening; the app's lifespan runs the drain (in-flight streams may finish within
+        DOCTORGLM_DRAIN_GRACE_S, then the engine ends the rest with an `error` event); then uvicorn shuts
+        down and the process exits 0. A second SIGINT (or SIGTERM) stops at once."""
 
         def handle_exit(self, sig: int, frame: object) -> None:
             if not runtime.draining:
-                runtime.draining = True
-                log.info("draining", extra={"signal": signal.Signals(sig).name,
-                                            "active_streams": runtime.active_streams,
-                                            "grace_s": settings.drain_grace_s})
-                threading.Thread(target=self._drain, name="drain", daemon=True).start()
+                log.info("drain requested", extra={"signal": signal.Signals(sig).name})
+                runtime.request_drain()
                 return
             # Not super().handle_exit: uvicorn would re-raise the signal after shutdown (exit status -15).
             if self.should_exit:
                 self.force_exit = True
             self.should_exit = True
 
-        def _drain(self) -> None:
-            started = time.monotonic()
-            deadline = started + settings.drain_grace_s
-            while runtime.active_streams > 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            left = runtime.active_streams
-            if left > 0 and hasattr(runtime.engine, "abort_all"):
-                runtime.engine.abort_all("the server is shutting down")
-                end = time.monotonic() + 5  # the error events go out
-                while runtime.active_streams > 0 and time.monotonic() < end:
-                    time.sleep(0.02)
-            log.info("drained", extra={"seconds": round(time.monotonic() - started, 3), "aborted_streams": left})
-            self.should_exit = True
-
+    # h11 (not httptools) for its limit on the request head; the protocol adds the header timer, the
+    # connection cap and JSON refusals (service/protocol.py).
     config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=int(settings.drain_grace_s) + 5,
-                            access_log=False)
+                            access_log=False, http=guarded_protocol(settings),
+                            h11_max_incomplete_event_size=settings.max_header_bytes)
     server = DrainingServer(config)
+
+    def drained() -> None:
+        server.should_exit = True
+
+    runtime.on_drained = drained
     url = f"http://{settings.host}:{sock.getsockname()[1]}"
     example = '{"prompt":"孩子发烧三天，咳嗽有痰，怎么办？"}'
     print(f"DoctorGLM service ready in {time.perf_counter() - started:.1f}s on {url}\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 
 from fastapi import Request
 
@@ -35,22 +36,32 @@ class KeyChecker:
         return key_id(match.decode()) if match is not None else None
 
 
-def presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+UNAUTHORIZED = "missing or wrong API key (Authorization: Bearer <key> or X-API-Key)"
+
+
+def key_from_headers(headers: Mapping[str, str]) -> str | None:
+    """The presented key. One rule for both headers: surrounding whitespace is not part of a key."""
+    header = headers.get("authorization", "")
     if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return request.headers.get("x-api-key")
+        return header[7:].strip() or None
+    return (headers.get("x-api-key") or "").strip() or None
+
+
+def presented_key(request: Request) -> str | None:
+    return key_from_headers(request.headers)
 
 
 async def require_api_key(request: Request) -> str:
-    """Dependency for protected routes: returns the caller's key id ('anonymous' when keys are off)."""
+    """Dependency for protected routes: returns the caller's key id ('anonymous' when keys are off).
+
+    The request middleware checks the key before the body is read and leaves the key id in the request
+    state; this dependency returns it (and checks itself when the app runs without that middleware)."""
     checker: KeyChecker = request.app.state.runtime.keys
     if not checker.enabled:
         request.state.key_id = "anonymous"
         return "anonymous"
-    found = checker.check(presented_key(request))
+    found = getattr(request.state, "key_id", None) or checker.check(presented_key(request))
     if found is None:
-        raise APIError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key> or X-API-Key)",
-                       {"WWW-Authenticate": "Bearer"})
+        raise APIError(401, "unauthorized", UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
     request.state.key_id = found
     return found

@@ -20,7 +20,7 @@ from typing import Any
 from llm.designer import NO_MATCH_NOTE, UNCERTAIN_NOTE, DesignedPrompt
 
 from .engine.types import ChatTurn, EngineError, Finished, GenerationRequest, SamplingParams, TokenDelta
-from .errors import APIError, to_api_error
+from .errors import APIError, error_body, to_api_error
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ def _check_limits(runtime: Runtime, chat: ChatInput) -> None:
     if chat.params.max_new_tokens > s.max_new_tokens:
         raise APIError(422, "invalid_request",
                        f"max_new_tokens {chat.params.max_new_tokens} is over the limit of {s.max_new_tokens}")
+    if chat.params.min_new_tokens > chat.params.max_new_tokens:
+        raise APIError(422, "invalid_request", f"min_new_tokens {chat.params.min_new_tokens} must not exceed "
+                                               f"max_new_tokens {chat.params.max_new_tokens}")
 
 
 async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id: str) -> ChatStart:
@@ -110,7 +113,7 @@ async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id:
         if opener is not None:  # engines that connect elsewhere fail here, before any byte is streamed
             await opener()
     except EngineError as exc:
-        raise to_api_error(exc) from exc
+        raise to_api_error(exc, runtime.retry_after_s()) from exc
     safety = {**assessment.to_dict(), "notice": notice}
     return ChatStart(id=f"chat-{uuid.uuid4().hex[:24]}", request_id=request_id, key_id=key_id, input=chat,
                      designed=designed, safety=safety, handle=handle, started=time.perf_counter())
@@ -147,7 +150,7 @@ async def run_chat(runtime: Runtime, start: ChatStart) -> AsyncIterator[tuple[st
                 if event.error:
                     status = 500 if finish == "error" else 503
                     error_code = "generation_failed" if finish == "error" else "shutting_down"
-                    yield "error", error_payload(error_code, event.error, start.request_id)
+                    yield "error", error_payload(error_code, event.error, start.request_id, status)
                     return
                 status = 200
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -159,7 +162,7 @@ async def run_chat(runtime: Runtime, start: ChatStart) -> AsyncIterator[tuple[st
     except EngineError as exc:
         mapped = to_api_error(exc)
         finish, status, error_code = "error", mapped.status, mapped.code
-        yield "error", error_payload(mapped.code, mapped.message, start.request_id)
+        yield "error", error_payload(mapped.code, mapped.message, start.request_id, mapped.status)
     finally:
         start.handle.cancel()
         runtime.stream_closed()
@@ -167,9 +170,9 @@ async def run_chat(runtime: Runtime, start: ChatStart) -> AsyncIterator[tuple[st
         audit_chat(runtime, start, finish, status, usage, first_at, error_code)
 
 
-def error_payload(code: str, message: str, request_id: str | None) -> dict[str, Any]:
+def error_payload(code: str, message: str, request_id: str | None, status: int = 500) -> dict[str, Any]:
     """The SSE `error` event: the one error shape, plus its fields flat for simple clients (the chat page)."""
-    error = {"code": code, "message": message, "request_id": request_id}
+    error = error_body(status, code, message, request_id)["error"]
     return {"error": error, **error}
 
 
@@ -207,6 +210,8 @@ def audit_chat(runtime: Runtime, start: ChatStart, finish: str, status: int, usa
         record["question"] = start.input.question
         record["answer"] = "".join(start.text)
     runtime.audit.write(record)
+    if status == 200:
+        runtime.record_service_time(now - start.started)
     log.info("chat finished", extra={"finish_reason": finish, "status": status,
                                      "completion_tokens": usage.get("completion_tokens", 0)})
 

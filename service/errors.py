@@ -1,4 +1,5 @@
-"""One error shape everywhere: {"error": {"code", "message", "request_id"}}; one place maps exceptions."""
+"""One error shape everywhere, built in one place (error_body): {"error": {"code", "message", "request_id",
+"type", "param"}} — `type` and `param` as OpenAI's clients read them; one place maps exceptions."""
 
 from __future__ import annotations
 
@@ -27,8 +28,22 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
-def error_body(code: str, message: str, request_id: str | None, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 429: "rate_limit_error"}
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for a status."""
+    if status in _TYPES:
+        return _TYPES[status]
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def error_body(status: int, code: str, message: str, request_id: str | None, param: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """The one error body of every endpoint (JSON responses, SSE `error` events, refusals before a request)."""
+    body: dict[str, Any] = {"code": code, "message": message, "request_id": request_id,
+                            "type": error_type(status), "param": param}
     body.update(extra)
     return {"error": body}
 
@@ -55,7 +70,7 @@ def _request_id(request: Request) -> str | None:
 def _reply(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None,
            **extra: Any) -> JSONResponse:
     request.state.error_code = code  # for the audit record
-    return JSONResponse(error_body(code, message, _request_id(request), **extra), status, headers)
+    return JSONResponse(error_body(status, code, message, _request_id(request), **extra), status, headers)
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -64,6 +79,15 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     return "; ".join(parts)
+
+
+def _param(errors: list[dict[str, Any]]) -> str | None:
+    """The first invalid field, dotted (`messages.0.content`), as OpenAI's `param`."""
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query")]
+        if loc:
+            return ".".join(loc)
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -79,7 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # No `input` in the details: it may be patient text, and it is echoed to logs by proxies.
         details = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
                    for e in errors[:20]]
-        return _reply(request, 422, "invalid_request", _validation_message(errors), details=details)
+        return _reply(request, 422, "invalid_request", _validation_message(errors), param=_param(errors),
+                      details=details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -18,9 +20,19 @@ class Metrics:
         self.ttft = Histogram("doctorglm_time_to_first_token_seconds", "Time to the first generated text",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("doctorglm_generated_tokens", "Generated tokens", registry=r)
-        self.queue_depth = Gauge("doctorglm_queue_depth", "Requests waiting for the engine", registry=r)
-        self.active_streams = Gauge("doctorglm_active_streams", "Generations in progress", registry=r)
+        self.queued_requests = Gauge("doctorglm_queued_requests", "Requests waiting for a generation row",
+                                     registry=r)
+        self.queue_depth = Gauge("doctorglm_queue_depth", "Same as doctorglm_queued_requests (older name)",
+                                 registry=r)
+        self.active_streams = Gauge("doctorglm_active_streams", "Generations running now (queued ones excluded)",
+                                    registry=r)
         self.retrieval = Histogram("doctorglm_retrieval_seconds", "Prompt designer retrieval latency",
                                    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5), registry=r)
         self.emergencies = Counter("doctorglm_red_flags", "Requests triaged as emergencies", registry=r)
         self.finish = Counter("doctorglm_finish_reasons", "Finished generations by reason", ["reason"], registry=r)
+
+    def watch_engine(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Read the running and queued gauges from the engine at every scrape (never stale, never counted twice)."""
+        self.active_streams.set_function(lambda: stats()["active"])
+        self.queued_requests.set_function(lambda: stats()["queued"])
+        self.queue_depth.set_function(lambda: stats()["queued"])

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,36 +34,87 @@ class Runtime:
     designer: PromptDesigner | None = None
     engine: Any = None
     draining: bool = False
-    active_streams: int = 0
+    open_streams: int = 0  # chat responses under way (queued or generating): what a drain waits for
     started_at: float = field(default_factory=time.time)
     load_error: str | None = None
+    on_drained: Callable[[], None] | None = None  # set by the server: stop once the drain is over
+    service_times: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    _drain_asked: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def ready(self) -> bool:
         return (not self.draining and self.designer is not None and self.engine is not None
                 and bool(getattr(self.engine, "ready", False)))
 
+    def engine_stats(self) -> dict[str, int]:
+        """Rows generating now (`active`) and requests waiting for a row (`queued`)."""
+        stats = self.engine.stats() if self.engine is not None else {}
+        return {"active": int(stats.get("active", 0)), "queued": int(stats.get("queued", 0))}
+
     def stream_opened(self) -> None:
-        self.active_streams += 1
-        self.metrics.active_streams.set(self.active_streams)
+        self.open_streams += 1
 
     def stream_closed(self) -> None:
-        self.active_streams -= 1
-        self.metrics.active_streams.set(self.active_streams)
+        self.open_streams -= 1
 
-    async def wait_for_streams(self, grace_s: float) -> bool:
-        """Wait until no stream is active or grace_s has passed; True when all finished."""
-        deadline = time.monotonic() + grace_s
-        while self.active_streams > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return self.active_streams == 0
+    def record_service_time(self, seconds: float) -> None:
+        """Start-to-end time of a finished answer; the recent ones size Retry-After."""
+        self.service_times.append(seconds)
+
+    def retry_after_s(self) -> int:
+        """When a refused request may find room: the queue ahead of it, served `max_batch_size` at a time,
+        each taking the recent mean answer time (at least 1 s, at most 10 minutes)."""
+        if not self.service_times:
+            return 1
+        mean = sum(self.service_times) / len(self.service_times)
+        wait = self.engine_stats()["queued"] * mean / self.settings.max_batch_size
+        return max(1, min(600, math.ceil(wait)))
+
+    # --- shutdown drain: asked for by a signal handler, run in the app's lifespan ---
+
+    def bind_loop(self) -> None:
+        """Called in the lifespan, on the event loop the drain will run on."""
+        self._loop = asyncio.get_running_loop()
+        self._drain_asked = asyncio.Event()
+
+    def request_drain(self) -> None:
+        """Stop taking requests now (503, /readyz not ready) and start the drain; safe from a signal handler."""
+        self.draining = True
+        if self._loop is not None and self._drain_asked is not None:
+            self._loop.call_soon_threadsafe(self._drain_asked.set)
+
+    async def wait_for_drain_request(self) -> None:
+        assert self._drain_asked is not None, "bind_loop first"
+        await self._drain_asked.wait()
+
+    async def drain(self) -> None:
+        """Let open streams finish within DOCTORGLM_DRAIN_GRACE_S, then end the rest with an `error` event
+        (and give those events up to 5 s to go out); then tell the server (on_drained)."""
+        started = time.monotonic()
+        log.info("draining", extra={"open_streams": self.open_streams, "grace_s": self.settings.drain_grace_s})
+        await self._wait_streams(self.settings.drain_grace_s)
+        left = self.open_streams
+        if left > 0 and self.engine is not None:
+            self.engine.abort_all("the server is shutting down")
+            await self._wait_streams(5.0)
+        log.info("drained", extra={"seconds": round(time.monotonic() - started, 3), "aborted_streams": left})
+        if self.on_drained is not None:
+            self.on_drained()
+
+    async def _wait_streams(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.open_streams > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
 
 def build_runtime(settings: Settings, *, progress: bool = True) -> Runtime:
     """Light parts only; the model and index are loaded by load_runtime (may take a while)."""
     triage = Triage.from_file(settings.red_flags_path, backstop=settings.triage_backstop)
-    return Runtime(settings=settings, metrics=Metrics(), keys=KeyChecker(settings.keys()),
-                   audit=AuditLog(settings.audit_log), triage=triage)
+    runtime = Runtime(settings=settings, metrics=Metrics(), keys=KeyChecker(settings.keys()),
+                      audit=AuditLog(settings.audit_log), triage=triage)
+    runtime.metrics.watch_engine(runtime.engine_stats)
+    return runtime
 
 
 def load_runtime(runtime: Runtime, *, progress: bool = True) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
+
+from .engine.types import SamplingParams
 
 # Hard ceilings that hold whatever the settings say; the settings can only lower them.
 HARD_MAX_CHARS = 32_000
@@ -13,18 +16,39 @@ HARD_MAX_HISTORY = 100
 MAX_STOP = 4
 MAX_STOP_CHARS = 32
 
+
+
+def has_visible_text(text: str) -> bool:
+    """True when the text has a character a reader can see: not only spaces, controls or format characters
+    (zero-width space, joiners, BOM, bidi marks)."""
+    return any(not ch.isspace() and unicodedata.category(ch)[0] not in "CZ" for ch in text)
+
+
+def require_visible(text: str) -> str:
+    if not has_visible_text(text):
+        raise ValueError("must contain visible text (not only spaces or zero-width characters)")
+    return text
+
+
+# Every text field is a JSON string (pydantic rejects non-strings and lone surrogates) under a hard ceiling.
 Text = Annotated[str, StringConstraints(max_length=HARD_MAX_CHARS)]
-NonBlank = Annotated[str, StringConstraints(min_length=1, max_length=HARD_MAX_CHARS, pattern=r"\S")]
+NonBlank = Annotated[str, StringConstraints(min_length=1, max_length=HARD_MAX_CHARS, pattern=r"\S"),
+                     AfterValidator(require_visible)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 # Numbers and flags are taken as JSON gives them: no "0.5" strings, no true-for-1, no 1.0-for-1.
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
 
-temperature_field = Field(0.7, ge=0.0, le=2.0, description="0 = greedy")
-top_p_field = Field(0.9, gt=0.0, le=1.0)
-top_k_field = Field(0, ge=0, le=1000, description="0 = off")
-repetition_penalty_field = Field(1.1, ge=0.5, le=2.0, description="1 = off")
+# Sampling defaults are the engine's (SamplingParams), written once there. One deliberate difference:
+# /chat applies a repetition penalty of 1.1 by default (small models loop without it; ChatGLM-style clients
+# never send one), /v1 keeps OpenAI's meaning of an unset field (no penalty, 1.0).
+SAMPLING_DEFAULTS = SamplingParams()
+CHAT_REPETITION_PENALTY = 1.1
+temperature_field = Field(SAMPLING_DEFAULTS.temperature, ge=0.0, le=2.0, description="0 = greedy")
+top_p_field = Field(SAMPLING_DEFAULTS.top_p, gt=0.0, le=1.0)
+top_k_field = Field(SAMPLING_DEFAULTS.top_k, ge=0, le=1000, description="0 = off")
+repetition_penalty_field = Field(CHAT_REPETITION_PENALTY, ge=0.5, le=2.0, description="1 = off")
 seed_field = Field(None, ge=0, le=2**63 - 1)
 max_new_tokens_field = Field(None, ge=1, le=HARD_MAX_TOKENS)
 min_new_tokens_field = Field(0, ge=0, le=HARD_MAX_TOKENS, description="suppress end-of-text before this")
@@ -49,6 +73,16 @@ class ChatRequest(BaseModel):
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
     stream: Bool = False
     use_knowledge: Bool = True
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> ChatRequest:
+        check_min_within_max(self.min_new_tokens, self.max_new_tokens, "min_new_tokens", "max_new_tokens")
+        return self
+
+
+def check_min_within_max(minimum: int, maximum: int | None, min_name: str, max_name: str) -> None:
+    if maximum is not None and minimum > maximum:
+        raise ValueError(f"{min_name} ({minimum}) must not exceed {max_name} ({maximum})")
 
 
 class ErrorDetail(BaseModel):
@@ -136,15 +170,24 @@ class SearchResponse(BaseModel):
 
 # ----- OpenAI-compatible -----
 
+class TextPart(BaseModel):
+    """An OpenAI content part. Only text parts are served; `text` is validated like a plain-string content."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: Text
+
+
 class OpenAIMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Text | list[dict[str, Any]] | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=64)] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(str(p.get("text", "")) for p in self.content if isinstance(p, dict))
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 
@@ -174,9 +217,15 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     # Extensions (vLLM-style names):
     top_k: Int = top_k_field
-    repetition_penalty: Float = Field(1.0, ge=0.5, le=2.0)
+    repetition_penalty: Float = Field(SAMPLING_DEFAULTS.repetition_penalty, ge=0.5, le=2.0, description="1 = off")
     min_tokens: Int = min_new_tokens_field
     use_knowledge: Bool = True
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> ChatCompletionRequest:
+        check_min_within_max(self.min_tokens, self.max_completion_tokens or self.max_tokens, "min_tokens",
+                             "max_tokens")
+        return self
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

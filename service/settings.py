@@ -60,6 +60,19 @@ class Settings(BaseSettings):
     allow_anonymous: bool = False
     cors_origins: str = ""
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    # Before any key is checked a client can only hold a connection this long, with this much header:
+    max_header_bytes: int = Field(16_384, ge=1024, description="Request line + headers; over it: 431 (or 414).")
+    max_url_chars: int = Field(8192, ge=256, description="Path + query; over it: 414.")
+    header_timeout_s: float = Field(10.0, gt=0, description="From connect (or the previous response) to the "
+                                                            "end of the headers; then 408 and close.")
+    body_timeout_s: float = Field(15.0, gt=0, description="From the end of the headers to the end of the body.")
+    max_connections: int = Field(256, ge=1, description="Open connections; one more is answered 503 and closed.")
+    trusted_hosts: str = Field("", description="Comma-separated Host names (*.example.org allowed); "
+                                               "empty: any Host. Others get 400.")
+    # With API keys on: the schema pages and the metrics need a key too (probes /healthz, /readyz never do).
+    protect_docs: bool = True
+    protect_metrics: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     drain_grace_s: float = Field(10.0, ge=0)
     audit_text: bool = False
     audit_log: Path | None = None
@@ -98,6 +111,14 @@ class Settings(BaseSettings):
 
     def cors_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def trusted_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.trusted_hosts.split(",") if h.strip()]
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
 
 class SettingsError(ValueError):

@@ -99,7 +99,7 @@ def test_burst_of_ten_times_capacity_gets_only_200_and_429(keyed: RunningServer)
     print(f"burst: 3 x {10 * capacity} requests in {time.monotonic() - started:.1f}s: {dict(seen)}; "
           f"RSS {before['VmRSS']} -> {after['VmRSS']} kB, threads {before['Threads']} -> {after['Threads']}")
     assert statuses == {200, 429}
-    assert all(retry == "1" for status, retry in seen if status == 429)  # Retry-After on every 429
+    assert all(retry is not None and int(retry) >= 1 for status, retry in seen if status == 429)  # on every 429
     assert after["VmRSS"] - before["VmRSS"] < 64 * 1024, (before, after)
     assert httpx.get(keyed.url + "/readyz").status_code == 200
     assert httpx.post(keyed.url + "/chat", json={"prompt": QUESTION, "max_new_tokens": 2}, headers=auth(),

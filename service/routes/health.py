@@ -4,23 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..errors import error_body
 from ..runtime import Runtime
-from .deps import get_runtime
+from .deps import get_runtime, request_id
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.api_route("/healthz", methods=["GET", "HEAD"])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Not ready: loading, failed to load, or draining"}})
-async def readyz(runtime: Runtime = Depends(get_runtime)) -> Any:
+@router.api_route("/readyz", methods=["GET", "HEAD"],
+                  responses={503: {"description": "Not ready: loading, failed to load, or draining"}})
+async def readyz(request: Request, runtime: Runtime = Depends(get_runtime)) -> Any:
     body: dict[str, Any] = {
         "ready": runtime.ready,
         "draining": runtime.draining,
@@ -33,16 +35,13 @@ async def readyz(runtime: Runtime = Depends(get_runtime)) -> Any:
     if runtime.load_error:
         body["error"] = runtime.load_error
     if not runtime.ready:
-        return JSONResponse({"error": {"code": "not_ready", "message": "not ready", "request_id": None}, **body},
+        return JSONResponse({**error_body(503, "not_ready", "not ready", request_id(request)), **body},
                             503, {"Retry-After": "5"})
     return body
 
 
-@router.get("/metrics", response_class=Response,
+@router.api_route("/metrics", methods=["GET", "HEAD"], response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition format"}})
 async def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
-    m = runtime.metrics
-    if runtime.engine is not None:
-        m.queue_depth.set(runtime.engine.stats().get("queued", 0))
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

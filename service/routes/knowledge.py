@@ -5,18 +5,22 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import AfterValidator
 
 from ..auth import require_api_key
 from ..errors import APIError
 from ..runtime import Runtime
-from ..schemas import SearchResponse, error_responses
+from ..schemas import SearchResponse, error_responses, require_visible
 from .deps import get_runtime
 
 router = APIRouter(tags=["knowledge"])
 
 
+Question = Annotated[str, Query(min_length=1, max_length=4000, pattern=r"\S"), AfterValidator(require_visible)]
+
+
 @router.get("/knowledge/search", response_model=SearchResponse, responses=error_responses(401, 422, 503))
-async def search(request: Request, q: Annotated[str, Query(min_length=1, max_length=4000, pattern=r"\S")],
+async def search(request: Request, q: Question,
                  k: Annotated[int, Query(ge=1, le=50)] = 5,
                  runtime: Runtime = Depends(get_runtime), key: str = Depends(require_api_key)) -> SearchResponse:
     request.state.audit_query = q  # in the audit record only with DOCTORGLM_AUDIT_TEXT=true

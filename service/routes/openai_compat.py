@@ -19,7 +19,14 @@ from ..conversation import ChatInput, meta_event, run_chat
 from ..engine.types import ChatTurn, SamplingParams
 from ..errors import APIError
 from ..runtime import Runtime
-from ..schemas import CHAT_ERRORS, SSE_CONTENT, ChatCompletionRequest, error_responses
+from ..schemas import (
+    CHAT_ERRORS,
+    SAMPLING_DEFAULTS,
+    SSE_CONTENT,
+    ChatCompletionRequest,
+    error_responses,
+    has_visible_text,
+)
 from .chat import SSE_PING_S, _start, answer_head, answer_tail, collect, full_answer
 from .deps import get_runtime
 
@@ -30,7 +37,7 @@ def to_input(body: ChatCompletionRequest, runtime: Runtime) -> ChatInput:
     """The last user message is the question; earlier user/assistant pairs become history."""
     s = runtime.settings
     turns = [m for m in body.messages if m.role in ("user", "assistant")]
-    if not turns or turns[-1].role != "user" or not turns[-1].text().strip():
+    if not turns or turns[-1].role != "user" or not has_visible_text(turns[-1].text()):
         raise APIError(422, "invalid_request", "messages must end with a non-empty user message")
     history: list[ChatTurn] = []
     pending: str | None = None
@@ -45,10 +52,10 @@ def to_input(body: ChatCompletionRequest, runtime: Runtime) -> ChatInput:
             pending = None
     question = turns[-1].text().strip() if pending is None else f"{pending}\n{turns[-1].text().strip()}"
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_new_tokens
-    defaults = SamplingParams()
     params = SamplingParams(max_new_tokens=max_tokens, min_new_tokens=body.min_tokens,
-                            temperature=0.7 if body.temperature is None else body.temperature,
-                            top_p=defaults.top_p if body.top_p is None else body.top_p, top_k=body.top_k,
+                            temperature=SAMPLING_DEFAULTS.temperature if body.temperature is None
+                            else body.temperature,
+                            top_p=SAMPLING_DEFAULTS.top_p if body.top_p is None else body.top_p, top_k=body.top_k,
                             repetition_penalty=body.repetition_penalty, seed=body.seed, stop=tuple(body.stop_list()))
     return ChatInput(question=question, history=history, params=params, use_knowledge=body.use_knowledge,
                      route="/v1/chat/completions")
