@@ -60,7 +60,8 @@ class AnswerStream:
         text = self.pending
         hold = max(len(text) - len(text.rstrip()), _held_mark_prefix(text))
         if self.punctuation and hold == 0 and text and text[-1] in FULL_WIDTH:
-            hold = 1
+            left = text[-2] if len(text) > 1 else self.previous
+            hold = 0 if _is_cjk(left) else 1  # a CJK left neighbour decides; else the next character does
         return self._emit(len(text) - hold)
 
     def finish(self) -> str:

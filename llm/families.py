@@ -39,23 +39,43 @@ def read_config(model_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def original_family(config: dict) -> Family | None:
+def original_family(config: dict, model_dir: Path | None = None) -> Family | None:
     """THUDM's original ChatGLM layouts, told apart by the fields each generation's config carries."""
     if config.get("model_type") != "chatglm":
         return None
     if "position_encoding_2d" in config or "inner_hidden_size" in config:
         return CHATGLM_6B
     if "multi_query_group_num" in config or "padded_vocab_size" in config:
-        # ChatGLM3 names itself in _name_or_path; its tokenizer (role tokens) is the reliable tell
-        # when a fine-tuned copy renamed the directory.
+        # ChatGLM2 and 3 share a config layout; ChatGLM3's tokenizer has role tokens, the tell that
+        # survives a fine-tuned copy renaming the directory. _name_or_path when no tokenizer is there.
+        roles = _tokenizer_has_role_tokens(Path(model_dir)) if model_dir is not None else None
+        if roles is not None:
+            return CHATGLM3 if roles else CHATGLM2
         name = str(config.get("_name_or_path", "")).lower()
         return CHATGLM3 if "chatglm3" in name else CHATGLM2
     return None
 
 
+# Where a ChatGLM2/3 directory's tokenizer can show role tokens; the .py is read as text, never run.
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenization_chatglm.py")
+
+
+def _tokenizer_has_role_tokens(model_dir: Path) -> bool | None:
+    """True/False when the directory's tokenizer files say whether <|user|> is a token; None without them."""
+    found = None
+    for name in _TOKENIZER_FILES:
+        path = model_dir / name
+        if path.is_file():
+            if "<|user|>" in path.read_text(encoding="utf-8", errors="replace"):
+                return True
+            # tokenizer_config.json alone proves nothing: THUDM's has no token list for either family.
+            found = False if name != "tokenizer_config.json" else found
+    return found
+
+
 def family_of(model_dir: Path) -> Family:
     config = read_config(model_dir)
-    found = original_family(config)
+    found = original_family(config, model_dir)
     if found is not None:
         return found
     model_type = config.get("model_type")

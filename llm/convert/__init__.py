@@ -67,7 +67,7 @@ def original_config(source: Path) -> tuple[dict, Family]:
         config = read_config(source)
     except ValueError as exc:
         raise ConversionError(f"{source}/config.json is not valid JSON: {exc}") from exc
-    family = original_family(config)
+    family = original_family(config, source)
     if family is None:
         raise ConversionError(
             f"{source} is not an original ChatGLM-6B/2/3 checkpoint (config.json model_type "

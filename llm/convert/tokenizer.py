@@ -152,7 +152,7 @@ def _text_symbols(proto: Any) -> dict[str, str]:
     return {symbol: chr(_PRIVATE_BASE + i) for i, symbol in enumerate(wanted) if symbol in present}
 
 
-def _bpe_merges(proto: Any, vocab: dict[str, int]) -> list[tuple[str, str]]:
+def _bpe_merges(proto: Any) -> list[tuple[str, str]]:
     """SentencePiece BPE merges the adjacent pair whose join is the best-scoring normal piece: rank by score."""
     normal = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type == 1}
     ranked = []
@@ -219,7 +219,7 @@ def _fresh_name(name: str, taken: dict[str, int]) -> str:
 
 
 def build_tokenizer(source_dir: Path, family: Family) -> tuple[Any, dict[str, int], dict[str, str]]:
-    """The `tokenizers.Tokenizer`, its special tokens (text → id) and the special-token roles."""
+    """The `tokenizers.Tokenizer`, its special tokens (text → id), and the appended specials' texts."""
     from tokenizers import AddedToken, Tokenizer, models, processors
 
     spec = _SPECS[family.name]
@@ -237,21 +237,24 @@ def build_tokenizer(source_dir: Path, family: Family) -> tuple[Any, dict[str, in
         if piece.type in (2, 3) or (piece.type == 4 and piece.piece not in symbols):
             specials[name] = index + offset
     # The appended ids follow the pieces in order (ChatGLM2/3 SPTokenizer: n_words, n_words + 1, ...).
+    names: dict[str, str] = {}
     for i, name in enumerate(spec.appended_specials):
-        fresh = _fresh_name(name, vocab)
-        vocab[fresh] = specials[fresh] = len(proto.pieces) + i
+        names[name] = _fresh_name(name, vocab)
+        vocab[names[name]] = specials[names[name]] = len(proto.pieces) + i
 
     unk = proto.trainer_spec.unk_piece or "<unk>"
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=_bpe_merges(proto, vocab), unk_token=unk, fuse_unk=True,
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=_bpe_merges(proto), unk_token=unk, fuse_unk=True,
                                      byte_fallback=proto.trainer_spec.byte_fallback))
     tokenizer.normalizer = _normalizer(proto, symbols, is_6b)
     tokenizer.decoder = _decoder(proto, symbols, is_6b)
-    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False)
+    # ChatGLM2/3's "sop" and "eop" are spelled like text ("people"): they match only as whole words.
+    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False, single_word=name.isalnum())
                                   for name, _ in sorted(specials.items(), key=lambda item: item[1])])
-    used = [part for part in spec.single.split() if part != "$A"]
+    single = " ".join(names.get(part, part) for part in spec.single.split())
+    used = [part for part in single.split() if part != "$A"]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=spec.single, pair=f"{spec.single} $B", special_tokens=[(name, specials[name]) for name in used])
-    return tokenizer, specials, spec.special_map
+        single=single, pair=f"{single} $B", special_tokens=[(name, specials[name]) for name in used])
+    return tokenizer, specials, names
 
 
 def _image_token_offset(source_dir: Path) -> int:
@@ -274,11 +277,14 @@ def convert_tokenizer(source_dir: Path, family: Family, out_dir: Path) -> None:
     spec = _SPECS[family.name]
     if not (source_dir / spec.model_file).is_file():
         raise FileNotFoundError(f"{source_dir} has no {spec.model_file} (the {family.name} SentencePiece model)")
-    tokenizer, specials, special_map = build_tokenizer(source_dir, family)
+    tokenizer, specials, names = build_tokenizer(source_dir, family)
     proto = _load_proto(source_dir / spec.model_file)
     template = {CHATGLM_6B.name: CHATGLM_6B_TEMPLATE, CHATGLM2.name: CHATGLM2_TEMPLATE}.get(
         family.name) or chatglm3_template(proto.normalizer_spec.add_dummy_prefix)
-    roles = {name for name in special_map.values()}
+    if names.get("sop", "sop") != "sop":  # an ordinary piece spelled "sop": the special got another text
+        template = template.replace("[gMASK]sop", "[gMASK]" + names["sop"])
+    special_map = spec.special_map
+    roles = set(special_map.values())
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         padding_side="left",
@@ -300,8 +306,8 @@ def stop_ids(source_dir: Path, family: Family, original_config: dict) -> list[in
     eos = original_config.get("eos_token_id")
     ids = [int(v) for v in (eos if isinstance(eos, list) else [eos]) if v is not None]
     if family.name == CHATGLM3.name:
-        _, specials, _ = build_tokenizer(source_dir, family)
-        ids += [specials[name] for name in ("<|user|>", "<|observation|>") if specials[name] not in ids]
+        _, specials, names = build_tokenizer(source_dir, family)
+        ids += [specials[names[name]] for name in ("<|user|>", "<|observation|>") if specials[names[name]] not in ids]
     return ids
 
 

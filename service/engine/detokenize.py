@@ -1,8 +1,14 @@
-"""Incremental detokenisation: emit only whole characters, never a half UTF-8 sequence."""
+"""Incremental detokenisation: emit only whole characters, never a half UTF-8 sequence.
+
+Where the model directory names an answer post-processing (a converted ChatGLM's own chat() rule,
+llm.answer_text), `text` is the processed answer: each push adds only what that rule has made final.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from llm.answer_text import AnswerStream, answer_kind
 
 
 class IncrementalDecoder:
@@ -14,6 +20,8 @@ class IncrementalDecoder:
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""
+        kind = answer_kind(tokenizer)
+        self.answer = AnswerStream(kind) if kind else None
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -24,6 +32,8 @@ class IncrementalDecoder:
             new = full[len(prefix):]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
+            if self.answer is not None:
+                new = self.answer.push(new)
             self.text += new
             return new
         return ""
@@ -34,5 +44,7 @@ class IncrementalDecoder:
         full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
         new = full[len(prefix):] if len(full) > len(prefix) else ""
         self.prefix_offset = self.read_offset = len(self.ids)
+        if self.answer is not None:
+            new = self.answer.push(new) + self.answer.finish()
         self.text += new
         return new
