@@ -168,3 +168,41 @@ def test_batched_and_serial_paths_apply_the_same_repetition_penalty(model_dir: P
     plain = run_engine(loaded, [(q, unpenalised) for q in questions])
     assert ["".join(t) for t, _ in batched] == ["".join(t) for t, _ in serial]
     assert ["".join(t) for t, _ in batched] != ["".join(t) for t, _ in plain]  # the penalty is in force
+
+
+def test_rows_joining_leaving_and_outgrowing_the_cache_match_the_reference(model_dir: Path) -> None:
+    """Grouped prefills, a queue behind a full batch, a long prompt joining short running rows (the batch
+    moves right), rows leaving mid-batch, and answers longer than the first cache allocation."""
+    loaded = load_model(model_dir)
+    eng = LocalEngine(loaded, max_batch_size=3, context_tokens=1024, repetition_guard=False)
+    cases = [("头痛", 300), ("腹泻三天" * 2, 9), ("胃痛怎么办", 40), ("失眠多梦" * 3, 120), ("咳嗽", 5),
+             ("孩子发烧三天，咳嗽有痰，怎么办？" * 12, 30), ("皮疹", 70)]
+    eng.start()
+
+    async def one(message: str, steps: int, started: asyncio.Event | None = None) -> str:
+        params = SamplingParams(max_new_tokens=steps, min_new_tokens=steps, temperature=0.0)
+        text, seen = "", 0
+        async for event in eng.stream(GenerationRequest(message=message, params=params)):
+            if isinstance(event, TokenDelta):
+                text += event.text
+                seen += 1
+                if started is not None and seen >= 5:
+                    started.set()
+            else:
+                assert event.completion_tokens == steps
+        return text
+
+    async def scenario() -> list[str]:
+        started = asyncio.Event()
+        first = [asyncio.ensure_future(one(*cases[0], started)), asyncio.ensure_future(one(*cases[1]))]
+        await started.wait()  # the long prompt joins rows that are already decoding
+        rest = [asyncio.ensure_future(one(m, s)) for m, s in cases[2:]]
+        return list(await asyncio.gather(*first, *rest))
+
+    try:
+        texts = asyncio.run(scenario())
+    finally:
+        eng.stop()
+    for (message, steps), text in zip(cases, texts, strict=True):
+        prompt_ids = eng.prepare(GenerationRequest(message=message, params=SamplingParams(max_new_tokens=steps)))
+        assert text == reference_greedy(loaded, prompt_ids, None, steps, eng.eos_ids), message

@@ -1,9 +1,10 @@
 """The local engine: one worker thread owns the model and runs a continuous-batching decode loop.
 
-Requests wait in a bounded queue; between decode steps the worker prefills waiting requests and
-splices their KV cache into the running batch (left-padded), so a new request joins at the next
-step instead of waiting for the longest answer. Each row keeps its own sampling settings and seed;
-a cancelled row leaves the batch before the next step.
+Requests wait in a bounded queue. Between decode steps the worker prefills the waiting requests together
+(one left-padded forward for the group) and writes their KV cache into the running batch's preallocated
+buffers (batch.py), so a new request joins at the next step instead of waiting for the longest answer.
+Each row keeps its own sampling settings and seed; a cancelled row leaves the batch before the next step.
+Events reach the event loop once per step for all rows, not once per token per row.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +28,28 @@ from llm.chat_format import build_prompt_ids
 from llm.loading import LoadedModel
 from llm.positions import position_scheme_for
 
+from .batch import BatchState
+from .contract import Event
 from .detokenize import IncrementalDecoder
 from .repetition import find_loop
 from .sampling import RowSampling, sample
-from .types import EngineError, EngineNotReady, Finished, GenerationRequest, QueueFull, TokenDelta
+from .types import (
+    EngineError,
+    EngineNotReady,
+    Finished,
+    GenerationRequest,
+    PromptLogprobs,
+    PromptTooLong,
+    QueueFull,
+    TokenDelta,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
-Event = TokenDelta | Finished
+
+# Padded tokens one grouped prefill may hold: bigger groups wait for the next step (bounds the pause
+# that running rows see while arrivals are prefilled).
+PREFILL_TOKEN_BUDGET = 4096
 
 
 @dataclass(eq=False)
@@ -42,13 +58,15 @@ class _Row:
 
     request: GenerationRequest
     prompt_ids: list[int]
-    emit: Callable[[Event], None]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Event]
     generator: torch.Generator
     decoder: IncrementalDecoder
     out_ids: list[int] = field(default_factory=list)
     emitted_chars: int = 0
     cancelled: bool = False
     done: bool = False
+    pending: list[TokenLogprob] = field(default_factory=list)  # logprobs of tokens whose text is held back
     past: Any = None  # serial mode only: this row's own cache
     enqueued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -57,10 +75,13 @@ class _Row:
 class StreamHandle:
     """The API side of one request: iterate events; cancel() frees its slot at the next step."""
 
-    def __init__(self, row: _Row, queue: asyncio.Queue[Event]) -> None:
+    def __init__(self, row: _Row) -> None:
         self._row = row
-        self._queue = queue
+        self._queue = row.queue
         self.prompt_tokens = len(row.prompt_ids)
+
+    async def open(self) -> None:
+        """Nothing to connect for the local engine (the contract's first step)."""
 
     def cancel(self) -> None:
         self._row.cancelled = True
@@ -69,6 +90,14 @@ class StreamHandle:
         try:
             while True:
                 event = await self._queue.get()
+                # A consumer that fell behind gets the deltas waiting for it as one (fewer SSE writes).
+                while isinstance(event, TokenDelta) and not self._queue.empty():
+                    following = self._queue.get_nowait()
+                    if not isinstance(following, TokenDelta):
+                        yield event
+                        event = following
+                        break
+                    event = TokenDelta(event.text + following.text, event.logprobs + following.logprobs)
                 yield event
                 if isinstance(event, Finished):
                     return
@@ -94,6 +123,7 @@ class LocalEngine:
         self.repetition_guard = repetition_guard
         self.eos_ids = self._eos_ids()
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # A row that reaches the model's position window ends with "length" instead of failing the batch.
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         # transformers 5.2x renamed forward's `past_key_values` to `cache`; remote code keeps the old name.
@@ -108,13 +138,19 @@ class LocalEngine:
         self.prefix_len = int(self.prefix[0][0].shape[2]) if self.prefix else 0
         if self.prefix and not self.batched:
             raise ValueError("a P-tuning prefix needs a model with a transformers DynamicCache (the batched path)")
+        # transformers' sdpa takes a prepared 4-D bool mask as is, so the batch's mask is a view, never rebuilt;
+        # other attention code (and the project's own model classes) gets the 2-D padding mask.
+        self._bool_mask = (type(self.model).__module__.startswith("transformers.")
+                           and getattr(self.model.config, "_attn_implementation", None) == "sdpa")
         self._waiting: collections.deque[_Row] = collections.deque()
         self._cv = threading.Condition()
         self._rows: list[_Row] = []
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = {}
         self._stopping = False
         self._abort_message: str | None = None
         self._thread: threading.Thread | None = None
-        self._reset_batch()
+        self._batch = BatchState(max_batch_size, self.vocab_size, self.device, self._bool_mask)
+        self._sampling: RowSampling | None = None
         self.steps = 0
         self.ready = False
 
@@ -145,6 +181,12 @@ class LocalEngine:
     def prepare(self, request: GenerationRequest) -> list[int]:
         """Prompt ids within the budget (raises PromptTooLong for a message too long on its own)."""
         budget = self.context_tokens - request.params.max_new_tokens
+        if request.raw:
+            ids = list(self.tokenizer(request.message)["input_ids"])
+            if len(ids) > max(budget, 1):
+                raise PromptTooLong(f"the prompt has {len(ids)} tokens; with max_tokens "
+                                    f"{request.params.max_new_tokens} the limit is {max(budget, 1)}")
+            return ids
         return build_prompt_ids(self.tokenizer, request.history, request.message, max(budget, 1))
 
     def submit(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> StreamHandle:
@@ -152,30 +194,24 @@ class LocalEngine:
         if not self.ready:
             raise EngineNotReady("the engine is not accepting requests")
         ids = prompt_ids if prompt_ids is not None else self.prepare(request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(event: Event) -> None:
-            # The event loop may already be closed at shutdown; nobody is listening then.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-
+        if not ids:
+            raise PromptTooLong("the prompt is empty")
         seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
-        row = _Row(request=request, prompt_ids=ids, emit=emit,
+        row = _Row(request=request, prompt_ids=list(ids), loop=asyncio.get_running_loop(), queue=asyncio.Queue(),
                    generator=torch.Generator().manual_seed(seed), decoder=IncrementalDecoder(self.tokenizer))
         with self._cv:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting)")
             self._waiting.append(row)
             self._cv.notify()
-        return StreamHandle(row, queue)
+        return StreamHandle(row)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         handle = self.submit(request)
         async for event in handle:
             yield event
 
-    # ----- worker side -----
+    # ----- worker side: the loop -----
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -190,7 +226,7 @@ class LocalEngine:
         return ids
 
     def _supports_batched_cache(self) -> bool:
-        """Batched splicing needs transformers' DynamicCache of plain layers; remote-code models run serially."""
+        """Batched decoding needs transformers' DynamicCache of plain layers; remote-code models run serially."""
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
@@ -202,14 +238,6 @@ class LocalEngine:
             return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
         except Exception:  # noqa: BLE001 - any failure means: use the generic serial path
             return False
-
-    def _reset_batch(self) -> None:
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
-        self._next: torch.Tensor | None = None
-        self._seen: torch.Tensor | None = None
-        self._sampling: RowSampling | None = None
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -226,6 +254,7 @@ class LocalEngine:
                 with torch.inference_mode():
                     self._admit()
                     self._drop_finished()
+                    self._deliver()
                     if self._rows:
                         self._decode_step()
                         self._drop_finished()
@@ -234,7 +263,8 @@ class LocalEngine:
                 for row in self._rows:
                     self._finish(row, "error", error=f"generation failed: {type(exc).__name__}")
                 self._rows = []
-                self._reset_batch()
+                self._batch.clear()
+            self._deliver()
         self._abort("the server is shutting down")
 
     def _abort(self, message: str) -> None:
@@ -245,108 +275,131 @@ class LocalEngine:
         for row in rows:
             self._finish(row, "cancelled", error=message)
         self._rows = []
-        self._reset_batch()
+        self._batch.clear()
+        self._deliver()
+
+    # ----- admission: grouped prefill -----
 
     def _admit(self) -> None:
-        while len(self._rows) < self.max_batch_size:
-            with self._cv:
-                if not self._waiting:
-                    return
+        group: list[_Row] = []
+        with self._cv:
+            while self._waiting and len(self._rows) + len(group) < self.max_batch_size:
                 row = self._waiting.popleft()
-            if row.cancelled:
-                self._finish(row, "cancelled")
+                if row.cancelled:
+                    self._finish(row, "cancelled")
+                else:
+                    group.append(row)
+        if not self.batched:
+            for row in group:
+                self._guarded(self._serial_prefill, [row])
+            return
+        # Echo rows need every position's logits: they prefill alone. The rest share padded forwards.
+        chunk: list[_Row] = []
+        for row in sorted(group, key=lambda r: len(r.prompt_ids)):
+            if row.request.params.prompt_logprobs:
+                self._guarded(self._prefill_group, [row])
                 continue
-            try:
-                self._prefill(row)
-            except Exception as exc:  # noqa: BLE001 - this request fails alone
-                log.exception("prefill failed")
-                self._finish(row, "error", error=f"generation failed: {type(exc).__name__}")
+            longest = max(len(row.prompt_ids), *(len(r.prompt_ids) for r in chunk)) if chunk else len(row.prompt_ids)
+            if chunk and longest * (len(chunk) + 1) > PREFILL_TOKEN_BUDGET:
+                self._guarded(self._prefill_group, chunk)
+                chunk = []
+            chunk.append(row)
+        if chunk:
+            self._guarded(self._prefill_group, chunk)
 
-    def _prefill(self, row: _Row) -> None:
-        ids = torch.tensor([row.prompt_ids], device=self.device)
-        length = ids.shape[1] + self.prefix_len
-        out = self._batched_prefill(row.prompt_ids, ids) if self.batched else \
-            self.model(**self.model.prepare_inputs_for_generation(ids, use_cache=True))
-        logits = out.logits[:, -1, :]
-        params = row.request.params
-        one = RowSampling([params.temperature], [params.top_p], [params.top_k], [params.repetition_penalty],
-                          self.device)
-        logits = self._suppress_eos(logits, [row])
-        token = sample(logits, one, None, self._uniforms([row]))
-        row.first_token_at = time.perf_counter()
-        if self.batched:
-            self._splice(row, _output_cache(out), length, token)
-        else:
-            row.past = _output_cache(out)
-            self._rows.append(row)
-        self._accept(row, int(token[0]))
+    def _guarded(self, prefill: Any, rows: list[_Row]) -> None:
+        """Prefill a group; when it fails, retry its rows one by one so that a bad request fails alone."""
+        try:
+            prefill(rows)
+        except Exception as exc:  # noqa: BLE001 - the requests fail, never the worker
+            if len(rows) > 1:
+                for row in rows:
+                    self._guarded(prefill, [row])
+                return
+            log.exception("prefill failed")
+            self._finish(rows[0], "error", error=f"generation failed: {type(exc).__name__}")
 
-    def _batched_prefill(self, prompt_ids: list[int], ids: torch.Tensor) -> Any:
-        """The prompt's forward for the batched path: family positions, and the prefix in the cache."""
+    def _prefill_group(self, rows: list[_Row]) -> None:
+        n, p = len(rows), self.prefix_len
+        lengths = [len(r.prompt_ids) for r in rows]
+        longest = max(lengths)
+        ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, p + longest), dtype=torch.long)
+        mask[:, :p] = 1
+        positions: list[torch.Tensor | None] = []
+        for i, row in enumerate(rows):
+            ids[i, longest - lengths[i]:] = torch.tensor(row.prompt_ids)
+            mask[i, p + longest - lengths[i]:] = 1
+            positions.append(self.positions.prefill(row.prompt_ids, self.device))
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        padded = any(length != longest for length in lengths)
         kwargs: dict[str, Any] = {}
-        positions = self.positions.prefill(prompt_ids, self.device)
+        if padded or p:
+            kwargs["attention_mask"] = mask
+        if padded or p or any(pos is not None for pos in positions):
+            # Positions start at 0 after a prefix (what ChatGLM's P-tuning v2 does), never at P; pads get 0.
+            kwargs["position_ids"] = torch.cat([
+                F.pad(pos if pos is not None else torch.arange(length, device=self.device)[None, :],
+                      (longest - length, 0))
+                for pos, length in zip(positions, lengths, strict=True)], dim=0)
         if self.prefix:
             from transformers import DynamicCache
 
-            kwargs[self._cache_kw] = DynamicCache(ddp_cache_data=self.prefix)
-            kwargs["attention_mask"] = torch.ones((1, self.prefix_len + ids.shape[1]), dtype=torch.long,
-                                                  device=self.device)
-            # Positions start at 0 after a prefix (what ChatGLM's P-tuning v2 does), never at P.
-            if positions is None:
-                positions = torch.arange(ids.shape[1], device=self.device)[None, :]
-        if positions is not None:
-            kwargs["position_ids"] = positions
-        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-
-    def _splice(self, row: _Row, cache: Any, length: int, token: torch.Tensor) -> None:
-        """Add a prefilled row to the batch, left-padding whichever side is shorter."""
-        new_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
-        new_seen = torch.zeros((1, self.vocab_size), dtype=torch.bool, device=self.device)
-        new_seen[0, token] = True  # the prefill's token counts for the repetition penalty, as on the serial path
-        position = self.positions.first(row.prompt_ids, self.device)
-        if self._cache is None:
-            self._cache, self._mask, self._positions, self._next, self._seen = (
-                cache, new_mask, position, token, new_seen)
-        else:
-            current = self._mask.shape[1]
-            if length < current:
-                _pad_cache(cache, current - length)
-                new_mask = F.pad(new_mask, (current - length, 0))
-            elif length > current:
-                _pad_cache(self._cache, length - current)
-                self._mask = F.pad(self._mask, (length - current, 0))
-            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
-                mine.values = torch.cat([mine.values, theirs.values], dim=0)
-            self._mask = torch.cat([self._mask, new_mask], dim=0)
-            self._positions = torch.cat([self._positions, position], dim=0)
-            self._next = torch.cat([self._next, token])
-            self._seen = torch.cat([self._seen, new_seen], dim=0)
-        self._rows.append(row)
+            kwargs[self._cache_kw] = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+                                                                  for k, v in self.prefix])
+        echo = rows[0].request.params.prompt_logprobs
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=0 if echo else 1, **kwargs)
+        if echo:
+            self._emit(rows[0], PromptLogprobs(self._prompt_logprobs(rows[0], out.logits[0])))
+        logits = self._suppress_eos(out.logits[:, -1, :], rows)
+        tokens = sample(logits, self._row_sampling(rows), None, self._uniforms(rows))
+        cache = _output_cache(out)
+        first = torch.cat([self.positions.first(r.prompt_ids, self.device) for r in rows], dim=0)
+        self._batch.add([(layer.keys, layer.values) for layer in cache.layers], mask, first, tokens)
+        self._rows.extend(rows)
         self._sampling = None
+        now = time.perf_counter()
+        logprobs = self._token_logprobs(rows, out.logits[:, -1, :], tokens)
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            row.first_token_at = now
+            self._accept(row, token, logprobs[i] if logprobs else None)
+
+    def _serial_prefill(self, rows: list[_Row]) -> None:
+        row = rows[0]
+        ids = torch.tensor([row.prompt_ids], device=self.device)
+        out = self.model(**self.model.prepare_inputs_for_generation(ids, use_cache=True))
+        logits = self._suppress_eos(out.logits[:, -1, :], [row])
+        token = sample(logits, self._row_sampling([row]), None, self._uniforms([row]))
+        row.first_token_at = time.perf_counter()
+        row.past = _output_cache(out)
+        self._rows.append(row)
+        logprobs = self._token_logprobs([row], out.logits[:, -1, :], token)
+        self._accept(row, int(token[0]), logprobs[0] if logprobs else None)
+
+    # ----- one decode step -----
 
     def _decode_step(self) -> None:
         self.steps += 1
         if not self.batched:
             self._serial_step()
             return
+        batch = self._batch
         if self._sampling is None:
             self._sampling = self._row_sampling(self._rows)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
-        out = self.model(input_ids=self._next[:, None], attention_mask=self._mask,
-                         position_ids=self.positions.as_input(self._positions), use_cache=True,
-                         **{self._cache_kw: self._cache})
-        self._cache = _output_cache(out)
-        logits = self._suppress_eos(out.logits[:, -1, :], self._rows)
-        tokens = sample(logits, self._sampling, self._seen, self._uniforms(self._rows))
-        self._positions = self.positions.advance(self._positions)
-        self._next = tokens
-        self._seen[torch.arange(len(self._rows), device=self.device), tokens] = True
-        for row, token in zip(self._rows, tokens.tolist(), strict=True):
-            self._accept(row, token)
+        mask = batch.step_mask()
+        out = self.model(input_ids=batch.next[:, None], attention_mask=mask,
+                         position_ids=self.positions.as_input(batch.positions), use_cache=True,
+                         **{self._cache_kw: batch.cache})
+        raw = out.logits[:, -1, :]
+        logits = self._suppress_eos(raw, self._rows)
+        tokens = sample(logits, self._sampling, batch.seen[:batch.rows], self._uniforms(self._rows))
+        batch.advance(tokens, self.positions.advance(batch.positions))
+        logprobs = self._token_logprobs(self._rows, raw, tokens)
+        for i, (row, token) in enumerate(zip(self._rows, tokens.tolist(), strict=True)):
+            self._accept(row, token, logprobs[i] if logprobs else None)
 
     def _serial_step(self) -> None:
-        """Generic path for models whose cache cannot be spliced: one forward per row, round robin."""
+        """Generic path for models whose cache cannot be batched: one forward per row, round robin."""
         for row in self._rows:
             if row.done or row.cancelled:
                 continue
@@ -356,15 +409,13 @@ class LocalEngine:
                     ids, attention_mask=torch.ones_like(ids), use_cache=True, **self._serial_cache_kwargs(row.past))
                 out = self.model(**inputs)
                 row.past = _output_cache(out)
-                params = row.request.params
-                one = RowSampling([params.temperature], [params.top_p], [params.top_k],
-                                  [params.repetition_penalty], self.device)
                 seen = torch.zeros((1, out.logits.shape[-1]), dtype=torch.bool, device=self.device)
                 if row.out_ids:
                     seen[0, torch.tensor(row.out_ids, device=self.device)] = True
                 logits = self._suppress_eos(out.logits[:, -1, :], [row])
-                token = sample(logits, one, seen, self._uniforms([row]))
-                self._accept(row, int(token[0]))
+                token = sample(logits, self._row_sampling([row]), seen, self._uniforms([row]))
+                logprobs = self._token_logprobs([row], out.logits[:, -1, :], token)
+                self._accept(row, int(token[0]), logprobs[0] if logprobs else None)
             except Exception as exc:  # noqa: BLE001 - this request fails alone
                 log.exception("serial decode failed")
                 self._finish(row, "error", error=f"generation failed: {type(exc).__name__}")
@@ -375,6 +426,8 @@ class LocalEngine:
         if self._cache_kw == "cache":
             return {"cache": past, "next_sequence_length": 1}
         return {"past_key_values": past}
+
+    # ----- sampling helpers -----
 
     def _row_sampling(self, rows: list[_Row]) -> RowSampling:
         params = [r.request.params for r in rows]
@@ -395,7 +448,47 @@ class LocalEngine:
             logits[torch.tensor(early, device=logits.device)[:, None], eos[None, :]] = float("-inf")
         return logits
 
-    def _accept(self, row: _Row, token: int) -> None:
+    def _token_logprobs(self, rows: list[_Row], logits: torch.Tensor,
+                        tokens: torch.Tensor) -> list[TokenLogprob | None] | None:
+        """Each asking row's token log-probability and top alternatives (the model's own distribution)."""
+        wanted = [i for i, r in enumerate(rows) if r.request.params.logprobs is not None]
+        if not wanted:
+            return None
+        result: list[TokenLogprob | None] = [None] * len(rows)
+        logp = torch.log_softmax(logits[wanted].float(), dim=-1)
+        chosen = logp.gather(1, tokens[wanted][:, None]).squeeze(1).tolist()
+        for j, i in enumerate(wanted):
+            k = rows[i].request.params.logprobs or 0
+            top = logp[j].topk(k) if k else None
+            result[i] = TokenLogprob(int(tokens[i]), self._piece(int(tokens[i])), chosen[j],
+                                     tuple((int(t), self._piece(int(t)), float(v))
+                                           for v, t in zip(top.values.tolist(), top.indices.tolist(), strict=True))
+                                     if top is not None else ())
+        return result
+
+    def _prompt_logprobs(self, row: _Row, logits: torch.Tensor) -> tuple[TokenLogprob, ...]:
+        """The prompt tokens' log-probabilities from one prefill (echo); the first token has none."""
+        ids = row.prompt_ids
+        logits = logits[-len(ids):]
+        k = row.request.params.logprobs or 0
+        logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+        target = torch.tensor(ids[1:], device=logp.device)
+        chosen = logp.gather(1, target[:, None]).squeeze(1).tolist() if len(ids) > 1 else []
+        tops = logp.topk(k, dim=-1) if k and len(ids) > 1 else None
+        out = [TokenLogprob(ids[0], self._piece(ids[0]), None)]
+        for j, token in enumerate(ids[1:]):
+            top = (tuple((int(t), self._piece(int(t)), float(v))
+                         for v, t in zip(tops.values[j].tolist(), tops.indices[j].tolist(), strict=True))
+                   if tops is not None else ())
+            out.append(TokenLogprob(token, self._piece(token), chosen[j], top))
+        return tuple(out)
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # ----- tokens to events -----
+
+    def _accept(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> None:
         """Take one sampled token for a row: stream its text and decide whether the row is finished."""
         if row.done:
             return
@@ -407,6 +500,8 @@ class LocalEngine:
                 self._finish(row, "stop")
                 return
             row.out_ids.append(token)
+            if logprob is not None:
+                row.pending.append(logprob)
             row.decoder.push(token)
             text = row.decoder.text
             for stop in params.stop:
@@ -431,15 +526,30 @@ class LocalEngine:
 
     def _flush(self, row: _Row, upto: int) -> None:
         if upto > row.emitted_chars:
-            row.emit(TokenDelta(row.decoder.text[row.emitted_chars:upto]))
+            self._emit(row, TokenDelta(row.decoder.text[row.emitted_chars:upto], tuple(row.pending)))
             row.emitted_chars = upto
+            row.pending = []
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
         if row.done:
             return
         row.done = True
-        row.emit(Finished(finish_reason=reason, prompt_tokens=len(row.prompt_ids),
-                          completion_tokens=len(row.out_ids), error=error))
+        if row.pending:  # logprobs of tokens that completed no text (or whose text a stop string cut)
+            self._emit(row, TokenDelta("", tuple(row.pending)))
+            row.pending = []
+        self._emit(row, Finished(finish_reason=reason, prompt_tokens=len(row.prompt_ids),
+                                 completion_tokens=len(row.out_ids), error=error))
+
+    def _emit(self, row: _Row, event: Event) -> None:
+        self._outbox.setdefault(row.loop, []).append((row.queue, event))
+
+    def _deliver(self) -> None:
+        """Hand this step's events to each event loop in one call (one wake-up per loop, not per token)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            # The event loop may already be closed at shutdown; nobody is listening then.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _drop_finished(self) -> None:
         for row in self._rows:
@@ -450,32 +560,18 @@ class LocalEngine:
             return
         self._rows = [self._rows[i] for i in keep]
         self._sampling = None
-        if not self.batched:
-            return
-        if not keep:
-            self._reset_batch()
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._mask = self._mask[index]
-        self._positions = self._positions[index]
-        self._next = self._next[index]
-        self._seen = self._seen[index]
-        start = int(self._mask.any(dim=0).long().argmax())  # leading columns that are padding for every row
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, start:, :]
-            layer.values = layer.values[index, :, start:, :]
-        self._mask = self._mask[:, start:]
+        if self.batched:
+            self._batch.keep(keep)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
 
 
 def _output_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-def _pad_cache(cache: Any, amount: int) -> None:
-    for layer in cache.layers:
-        layer.keys = F.pad(layer.keys, (0, 0, amount, 0))
-        layer.values = F.pad(layer.values, (0, 0, amount, 0))
 
 
 __all__ = ["EngineError", "LocalEngine", "StreamHandle"]

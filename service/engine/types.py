@@ -19,6 +19,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     min_new_tokens: int = 0
+    # Raw completions (/v1/completions): log-probabilities of each generated token with this many
+    # alternatives (None: none at all), and of the prompt's own tokens (echo).
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -33,6 +37,18 @@ class GenerationRequest:
     history: list[ChatTurn] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    # True: `message` is the whole prompt, tokenised as is (no chat template, no history) - raw completions.
+    raw: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model (before temperature or penalties), with the top alternatives."""
+
+    token_id: int
+    text: str
+    logprob: float | None
+    top: tuple[tuple[int, str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,14 @@ class TokenDelta:
     """New text for the client (may be empty for tokens that complete no character)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # only when the request asked for them
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's own tokens and their log-probabilities (the first has none); first event of an echo request."""
+
+    tokens: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -64,9 +88,14 @@ class EngineNotReady(EngineError):
     """The model is not loaded, or the engine is draining: the API answers 503."""
 
 
+class NotSupported(EngineError):
+    """This engine kind cannot do what the request asks (e.g. raw completions upstream): the API answers 400."""
+
+
 class UpstreamError(EngineError):
     """The OpenAI-compatible upstream is down or answered an error: the API answers 503."""
 
 
-__all__ = ["ChatTurn", "EngineError", "EngineNotReady", "Finished", "GenerationRequest", "PromptTooLong",
-           "QueueFull", "SamplingParams", "TokenDelta", "UpstreamError"]
+__all__ = ["ChatTurn", "EngineError", "EngineNotReady", "Finished", "GenerationRequest", "NotSupported",
+           "PromptLogprobs", "PromptTooLong", "QueueFull", "SamplingParams", "TokenDelta", "TokenLogprob",
+           "UpstreamError"]
