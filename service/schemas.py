@@ -103,8 +103,10 @@ class ErrorResponse(BaseModel):
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for the given error statuses, all with the one error shape."""
-    meaning = {400: "Malformed JSON or bad UTF-8", 401: "Missing or wrong API key", 413: "Body too large",
-               422: "Invalid field", 429: "Queue full (see Retry-After)", 500: "Generation failed",
+    meaning = {400: "Malformed JSON or bad UTF-8", 401: "Missing or wrong API key",
+               408: "The body did not arrive within DOCTORGLM_BODY_TIMEOUT_S", 413: "Body too large",
+               414: "URL too long", 415: "The body is not JSON", 422: "Invalid field",
+               429: "Queue full (see Retry-After)", 431: "Headers too large", 500: "Generation failed",
                503: "Not ready or draining (see Retry-After)"}
     return {code: {"model": ErrorResponse, "description": meaning.get(code, "Error")} for code in statuses}
 
@@ -113,7 +115,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 SSE_CONTENT = {"text/event-stream": {"schema": {
     "type": "object", "properties": {"event": {"type": "string"}, "data": {"type": "string"},
                                      "id": {"type": "string"}, "retry": {"type": "integer"}}}}}
-CHAT_ERRORS = (400, 401, 413, 422, 429, 500, 503)
+CHAT_ERRORS = (400, 401, 408, 413, 414, 415, 422, 429, 431, 500, 503)
 
 
 class Usage(BaseModel):

@@ -19,7 +19,7 @@ router = APIRouter(tags=["knowledge"])
 Question = Annotated[str, Query(min_length=1, max_length=4000, pattern=r"\S"), AfterValidator(require_visible)]
 
 
-@router.get("/knowledge/search", response_model=SearchResponse, responses=error_responses(401, 422, 503))
+@router.get("/knowledge/search", response_model=SearchResponse, responses=error_responses(401, 414, 422, 431, 503))
 async def search(request: Request, q: Question,
                  k: Annotated[int, Query(ge=1, le=50)] = 5,
                  runtime: Runtime = Depends(get_runtime), key: str = Depends(require_api_key)) -> SearchResponse:
