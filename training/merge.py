@@ -24,6 +24,8 @@ def merge(adapter_dir: Path, out_dir: Path, base_dir: Path | None = None, dtype:
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import llm.chatglm6b  # noqa: F401  (registers the project's ChatGLM-6B class for converted directories)
+
     adapter_dir = Path(adapter_dir)
     base_dir = Path(base_dir) if base_dir else base_of(adapter_dir)
     peft_type = str(PeftConfig.from_pretrained(adapter_dir).peft_type)

@@ -47,6 +47,8 @@ def load_for_training(model_dir: Path, cfg: TrainConfig) -> tuple[Any, Any, str]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import llm.chatglm6b  # noqa: F401  (registers the project's ChatGLM-6B class for converted directories)
+
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     # Full fine-tuning keeps fp32 master weights and runs under autocast; adapters train in fp32 anyway.
