@@ -28,6 +28,7 @@ from knowledge.evidence import EvidenceTable, EvidenceWeights
 from knowledge.index import IndexSettings, LibraryIndex
 from knowledge.patient import PatientContext
 from knowledge.schema import Disease
+from knowledge.synonyms import SymptomLinks
 from knowledge.text import (
     PatientCues,
     QueryTerms,
@@ -142,6 +143,10 @@ class Retriever:
         self._prev_prior = self.settings.w_prevalence * np.log10(np.clip(prev, 1e-4, self.settings.prevalence_cap))
         self._log_mentions = np.log1p(np.minimum(m.mentions, self.settings.mentions_cap).astype(float))
         self._user_words = set(index.text.user_words)
+        # The clinical words lay_terms.json maps everyday words to (流鼻涕 -> 流涕) are findings by the
+        # project's own vocabulary: written directly they must count at least as much as via a lay word.
+        self._links = SymptomLinks(m.symptoms)
+        self._clinical_words = {c for targets in lay_terms().values() for c in targets}
         self._weight_cache: dict[str, float | None] = {}  # word -> _search_weight
         self._name_rows: dict[str, list[int]] = {}
         for row, (name, aliases) in enumerate(zip(m.names, m.aliases, strict=True)):
@@ -192,7 +197,7 @@ class Retriever:
     def _specificity(self, term: str) -> float:
         """Weight in [0, 1] of a kept query word by how medical the library's use of it is."""
         s = self.settings
-        if not s.spec_share or term in self._user_words:
+        if not s.spec_share or term in self._user_words or term in self._clinical_words:
             return 1.0
         df = self._df("all", term)
         if df < s.spec_min_df:
@@ -280,18 +285,25 @@ class Retriever:
                         weights[term] += tw * specificity
                     if factor == 1.0 and term in self._name_rows and term not in qt.past:
                         named[term] = max(named.get(term, 0.0), w)
-                    for clinical in lay.get(term, ()):
+                    variants = self._variants(term) if specificity else ()  # of kept words only
+                    for clinical in (*lay.get(term, ()), *variants):
                         weights[clinical] = max(weights[clinical], tw * s.lay_weight)
             if s.scan_weight:
                 for term in self.scan_symptoms(text, qt.negated):
                     weights[term] = max(weights[term], w * s.scan_weight)
             for term in qt.negated:
                 if is_now:
-                    for t in (term, *lay_terms().get(term, ())):
+                    for t in (term, *lay_terms().get(term, ()), *self._variants(term)):
                         weights.pop(t, None)  # "no fever now" overrides fever mentioned earlier
                         named.pop(t, None)
         current.negated = list(dict.fromkeys(current.negated))
         return Counter({t: v for t, v in weights.items() if v > 0}), current, named
+
+    def _variants(self, word: str) -> tuple[str, ...]:
+        """Symptom-list variants of a prose-only word (knowledge/synonyms.py): 流涕 -> 流鼻涕."""
+        if len(word) < 2 or self._df("symptoms", word):  # a word the symptom lists use is matched as it is
+            return ()
+        return self._links.links(word, self._postings("all", word))
 
     def _denied_terms(self, denied: Sequence[str]) -> list[str]:
         """The search words of a record's denied symptoms (each as written and as the tokenizer splits it)."""

@@ -96,3 +96,16 @@ def test_past_mentions_are_marked(proc: TextProcessor) -> None:
     assert "发烧" in proc.query_terms("发烧后出了一身红疹").past
     assert "手足口病" in proc.query_terms("以前得过手足口病，现在又发烧").past
     assert not proc.query_terms("是不是手足口病").past
+
+
+def test_symptom_links_tie_prose_words_to_listed_variants() -> None:
+    import numpy as np
+
+    from knowledge.synonyms import SymptomLinks
+
+    # 6 documents write 流涕 in prose; 4 of them list 流鼻涕, all 6 list 鼻塞 (a companion, no shared character).
+    lists = [["流鼻涕", "鼻塞"]] * 4 + [["鼻塞"]] * 2 + [["头痛"]] * 30
+    links = SymptomLinks(lists)
+    assert links.links("流涕", np.arange(6)) == ("流鼻涕",)
+    assert SymptomLinks(lists).links("流涕", np.arange(2)) == ()  # too few documents to judge
+    assert links.links("鼻塞", np.arange(6)) == ()  # a listed word needs no variant
