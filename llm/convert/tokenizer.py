@@ -285,8 +285,11 @@ def convert_tokenizer(source_dir: Path, family: Family, out_dir: Path) -> None:
         template = template.replace("[gMASK]sop", "[gMASK]" + names["sop"])
     special_map = spec.special_map
     roles = set(special_map.values())
+    original = _read_json(source_dir / "config.json")
+    window = original.get("seq_length") or original.get("max_sequence_length")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
+        **({"model_max_length": int(window)} if window else {}),
         padding_side="left",
         clean_up_tokenization_spaces=False,
         chat_template=template,
