@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from knowledge.brief import Brief, write_brief, write_candidates
+from knowledge.patient import PatientContext
 from knowledge.search import Retriever, SearchResult
 from safety.triage import Triage
 
@@ -40,6 +41,16 @@ class DesignedPrompt:
     retrieval_ms: float = 0.0
     # Shown to the user with the answer when retrieval cannot single out one disease (honest uncertainty).
     uncertainty_note: str = ""
+    # What retrieval took from a structured patient record (PatientContext.used()); empty without one.
+    patient: dict[str, Any] = field(default_factory=dict)
+
+
+def triage_facts(patient: PatientContext | None) -> dict[str, Any]:
+    """A record's facts as `Triage.assess` keyword arguments (none without a record)."""
+    if patient is None:
+        return {}
+    return {"age_months": patient.age_months, "sex": patient.sex, "symptoms": patient.symptoms,
+            "negated_symptoms": patient.negated_symptoms}
 
 
 class PromptDesigner:
@@ -51,16 +62,17 @@ class PromptDesigner:
         # With triage, an emergency's suspected conditions (the fired rules' "suspects") rank first.
         self.triage = triage
 
-    def brief(self, question: str, history: Sequence[str] = (),
-              suspects: Sequence[str] | None = None) -> tuple[SearchResult, Brief | None]:
+    def brief(self, question: str, history: Sequence[str] = (), suspects: Sequence[str] | None = None,
+              patient: PatientContext | None = None) -> tuple[SearchResult, Brief | None]:
         """Retrieval and the brief for the prompt; training calls this too, so it learns the served prompt.
 
         One disease when it is clearly ahead; otherwise the question is uncertain and the brief lists the
         candidates.
         """
         if suspects is None:  # the caller has not assessed the complaint: assess it here
-            suspects = self.triage.assess(question, history).suspects if self.triage is not None else []
-        result = self.retriever.search(question, history=history, k=self.k, suspects=suspects)
+            suspects = self.triage.assess(question, history, **triage_facts(patient)).suspects \
+                if self.triage is not None else []
+        result = self.retriever.search(question, history=history, k=self.k, suspects=suspects, patient=patient)
         if not result.hits:
             return result, None
         if result.confident:
@@ -68,12 +80,13 @@ class PromptDesigner:
         return result, write_candidates(result.hits, self.brief_chars)
 
     def design(self, question: str, history: list[ChatTurn] | None = None, *, use_knowledge: bool = True,
-               urgent_note: str = "", suspects: Sequence[str] | None = None) -> DesignedPrompt:
+               urgent_note: str = "", suspects: Sequence[str] | None = None,
+               patient: PatientContext | None = None) -> DesignedPrompt:
         history = history or []
         if not use_knowledge:
             return DesignedPrompt(message=compose_message(question, "", urgent_note))
         started = time.perf_counter()
-        result, brief = self.brief(question, [t.user for t in history], suspects)
+        result, brief = self.brief(question, [t.user for t in history], suspects, patient)
         references = []
         for rank, hit in enumerate(result.hits):
             ref = hit.to_dict()
@@ -96,4 +109,5 @@ class PromptDesigner:
             confident=bool(result.confident),
             retrieval_ms=(time.perf_counter() - started) * 1000,
             uncertainty_note=note,
+            patient=patient.used() if patient is not None else {},
         )

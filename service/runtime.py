@@ -9,7 +9,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from knowledge.search import Retriever
 from llm.designer import PromptDesigner
@@ -17,6 +16,7 @@ from safety.triage import Triage
 
 from .audit import AuditLog
 from .auth import KeyChecker
+from .engine.contract import Engine
 from .metrics import Metrics
 from .settings import Settings
 
@@ -32,7 +32,7 @@ class Runtime:
     triage: Triage
     retriever: Retriever | None = None
     designer: PromptDesigner | None = None
-    engine: Any = None
+    engine: Engine | None = None
     draining: bool = False
     open_streams: int = 0  # chat responses under way (queued or generating): what a drain waits for
     started_at: float = field(default_factory=time.time)
@@ -45,7 +45,7 @@ class Runtime:
     @property
     def ready(self) -> bool:
         return (not self.draining and self.designer is not None and self.engine is not None
-                and bool(getattr(self.engine, "ready", False)))
+                and self.engine.ready)
 
     def engine_stats(self) -> dict[str, int]:
         """Rows generating now (`active`) and requests waiting for a row (`queued`)."""
@@ -130,7 +130,7 @@ def load_runtime(runtime: Runtime, *, progress: bool = True) -> None:
     log.info("engine ready (%s) after %.1fs", runtime.engine.kind, time.perf_counter() - started)
 
 
-def make_engine(settings: Settings, *, progress: bool = True) -> Any:
+def make_engine(settings: Settings, *, progress: bool = True) -> Engine:
     if settings.engine == "openai":
         from .engine.upstream import UpstreamEngine
 

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
+from knowledge.patient import PatientContext
+
 from .engine.types import SamplingParams
 
 # Hard ceilings that hold whatever the settings say; the settings can only lower them.
@@ -54,6 +56,41 @@ max_new_tokens_field = Field(None, ge=1, le=HARD_MAX_TOKENS)
 min_new_tokens_field = Field(0, ge=0, le=HARD_MAX_TOKENS, description="suppress end-of-text before this")
 
 
+MAX_FINDINGS = 50
+Finding = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"\S"), AfterValidator(require_visible)]
+
+
+class PatientRecord(BaseModel):
+    """Structured facts from the patient's record (an EHR), read beside the free text. All optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    age: Float | None = Field(None, ge=0, le=130, description="Age in years (or give age_months)")
+    age_months: Float | None = Field(None, ge=0, le=130 * 12, description="Age in months, for infants")
+    sex: Literal["female", "male"] | None = None
+    symptoms: list[Finding] = Field(default_factory=list, max_length=MAX_FINDINGS,
+                                    description="Findings present, e.g. [\"咳嗽\", \"咳痰\"]")
+    negated_symptoms: list[Finding] = Field(default_factory=list, max_length=MAX_FINDINGS,
+                                            description="Findings the record denies, e.g. [\"发热\"]")
+    duration: Annotated[str, StringConstraints(max_length=64)] | None = Field(None, description="e.g. 3天")
+    department: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="The requesting department; a paediatric one marks a child when no age is given")
+
+    @model_validator(mode="after")
+    def _one_age(self) -> PatientRecord:
+        if self.age is not None and self.age_months is not None:
+            raise ValueError("give age or age_months, not both")
+        return self
+
+    def to_context(self) -> PatientContext:
+        return PatientContext.from_fields(age=self.age, age_months=self.age_months, sex=self.sex,
+                                          symptoms=self.symptoms, negated_symptoms=self.negated_symptoms,
+                                          duration=self.duration, department=self.department)
+
+
+patient_field = Field(None, description="Structured patient facts (age, sex, findings present and denied)")
+
+
 class ChatRequest(BaseModel):
     """The ChatGLM-6B api.py body, extended. Unknown fields are rejected so typos do not pass silently."""
 
@@ -73,6 +110,7 @@ class ChatRequest(BaseModel):
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
     stream: Bool = False
     use_knowledge: Bool = True
+    patient: PatientRecord | None = patient_field
 
     @model_validator(mode="after")
     def _min_within_max(self) -> ChatRequest:
@@ -156,6 +194,7 @@ class ChatResponse(BaseModel):
     finish_reason: str
     safety: Safety
     uncertain: bool = False
+    patient: dict[str, Any] = Field(default_factory=dict, description="What retrieval used from `patient`")
 
 
 class SearchHit(Reference):
@@ -168,6 +207,24 @@ class SearchResponse(BaseModel):
     confident: bool
     results: list[SearchHit]
     latency_ms: float
+    negated: list[str] = Field(default_factory=list)
+    patient: dict[str, Any] = Field(default_factory=dict, description="What retrieval used from `patient`")
+
+
+class SearchRequest(BaseModel):
+    """POST /knowledge/search: free text, a patient record, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: Annotated[str, StringConstraints(max_length=4000)] = Field("", description="Free-text complaint")
+    k: Int = Field(5, ge=1, le=50)
+    patient: PatientRecord | None = patient_field
+
+    @model_validator(mode="after")
+    def _something_to_search(self) -> SearchRequest:
+        if not has_visible_text(self.q) and not (self.patient and self.patient.symptoms):
+            raise ValueError("give q (free text) or patient.symptoms")
+        return self
 
 
 # ----- OpenAI-compatible -----
@@ -222,6 +279,7 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: Float = Field(SAMPLING_DEFAULTS.repetition_penalty, ge=0.5, le=2.0, description="1 = off")
     min_tokens: Int = min_new_tokens_field
     use_knowledge: Bool = True
+    patient: PatientRecord | None = patient_field
 
     @model_validator(mode="after")
     def _min_within_max(self) -> ChatCompletionRequest:
