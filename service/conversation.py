@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm.designer import NO_MATCH_NOTE, UNCERTAIN_NOTE, DesignedPrompt
+from knowledge.patient import PatientContext
+from llm.designer import NO_MATCH_NOTE, UNCERTAIN_NOTE, DesignedPrompt, triage_facts
 
+from .engine.contract import EngineStream
 from .engine.types import ChatTurn, EngineError, Finished, GenerationRequest, SamplingParams, TokenDelta
 from .errors import APIError, error_body, to_api_error
 from .runtime import Runtime
@@ -36,6 +38,7 @@ class ChatInput:
     use_knowledge: bool = True
     max_length: int | None = None
     route: str = "/chat"
+    patient: PatientContext | None = None  # structured facts from the patient's record
 
 
 @dataclass
@@ -46,7 +49,7 @@ class ChatStart:
     input: ChatInput
     designed: DesignedPrompt
     safety: dict[str, Any]
-    handle: Any
+    handle: EngineStream
     started: float
     received_at: float = field(default_factory=time.time)
     text: list[str] = field(default_factory=list)
@@ -90,10 +93,11 @@ async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id:
     _check_limits(runtime, chat)
     notice = runtime.settings.safety_notice
     chat.history = [ChatTurn(t.user, strip_notice(t.assistant, notice)) for t in chat.history]
-    assessment = runtime.triage.assess(chat.question, [t.user for t in chat.history])
+    assessment = runtime.triage.assess(chat.question, [t.user for t in chat.history], **triage_facts(chat.patient))
     assert runtime.designer is not None
     designed = runtime.designer.design(chat.question, chat.history, use_knowledge=chat.use_knowledge,
-                                       urgent_note=assessment.prompt_note, suspects=assessment.suspects)
+                                       urgent_note=assessment.prompt_note, suspects=assessment.suspects,
+                                       patient=chat.patient)
     runtime.metrics.retrieval.observe(designed.retrieval_ms / 1000)
     if assessment.level == "emergency":
         runtime.metrics.emergencies.inc()
@@ -109,9 +113,7 @@ async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id:
             if room < request.params.max_new_tokens:
                 request.params = dataclasses.replace(request.params, max_new_tokens=room)
         handle = runtime.engine.submit(request, prompt_ids)
-        opener = getattr(handle, "open", None)
-        if opener is not None:  # engines that connect elsewhere fail here, before any byte is streamed
-            await opener()
+        await handle.open()  # engines that connect elsewhere fail here, before any byte is streamed
     except EngineError as exc:
         raise to_api_error(exc, runtime.retry_after_s()) from exc
     safety = {**assessment.to_dict(), "notice": notice}
@@ -122,7 +124,8 @@ async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id:
 def meta_event(start: ChatStart) -> dict[str, Any]:
     return {"id": start.id, "request_id": start.request_id, "keywords": start.designed.keywords,
             "references": start.designed.references, "uncertain": bool(start.designed.uncertainty_note),
-            "uncertainty_note": start.designed.uncertainty_note, "safety": start.safety}
+            "uncertainty_note": start.designed.uncertainty_note, "safety": start.safety,
+            "patient": start.designed.patient}
 
 
 async def run_chat(runtime: Runtime, start: ChatStart) -> AsyncIterator[tuple[str, dict[str, Any]]]:
