@@ -276,3 +276,39 @@ def test_fully_converted_directory(tmp_path: Path) -> None:
     generation = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
     assert generation["eos_token_id"] == gold["chat"][0]["chat_stop_ids"]
     assert answer_kind(tokenizer) == CHATGLM3_ANSWER
+
+
+def test_engine_streams_the_golden_greedy_answer_of_a_converted_chatglm3(tmp_path: Path) -> None:
+    """Template → prompt ids → batched engine → post-processed deltas, on python -m training convert's output."""
+    import asyncio
+
+    from llm.convert import convert
+    from llm.loading import load_model
+    from service.engine.local import LocalEngine
+    from service.engine.types import GenerationRequest, SamplingParams, TokenDelta
+
+    case = golden("chatglm3-6b")["chat"][1]
+    out = tmp_path / "converted"
+    convert(original_checkpoint("chatglm3-6b"), out, progress=False)
+    loaded = load_model(out, dtype="fp32", device="cpu")
+    engine = LocalEngine(loaded, max_batch_size=2)
+    engine.start()
+    request = GenerationRequest(message=case["query"], history=[ChatTurn(*pair) for pair in case["history"]],
+                                params=SamplingParams(max_new_tokens=len(case["greedy_12_ids"]), temperature=0))
+
+    async def answer() -> tuple[str, object]:
+        text, last = "", None
+        async for event in engine.stream(request):
+            if isinstance(event, TokenDelta):
+                text += event.text
+            last = event
+        return text, last
+
+    try:
+        text, finished = asyncio.run(answer())
+    finally:
+        engine.stop()
+    assert finished.prompt_tokens == len(case["prompt_ids"])
+    tokenizer = loaded.tokenizer
+    expected = process_answer(answer_kind(tokenizer), tokenizer.decode(case["greedy_12_ids"], skip_special_tokens=True))
+    assert text == expected and text
