@@ -8,9 +8,12 @@ control token. Only the chat template's own markers are special tokens.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ def render(tokenizer: Any, history: list[ChatTurn], message: str) -> list[int]:
     messages = [{"role": role, "content": _SLOT.format(i)} for i, role in enumerate(roles)]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if [int(n) for n in _SLOT_RE.findall(rendered)] != list(range(len(contents))):
-        # The template rewrote a message: render the real text and take no marker from inside it.
+        # The template rewrote a message: safe over exact, no marker at all is taken from the text.
+        log.warning("the chat template rewrites message text: its markers are encoded as plain text")
         return encode_plain(tokenizer, tokenizer.apply_chat_template(
             [{"role": m["role"], "content": c} for m, c in zip(messages, contents, strict=True)],
             add_generation_prompt=True, tokenize=False))
@@ -112,9 +116,15 @@ def _runs_encode_alone(tokenizer: Any) -> bool:
 
 def _marker_pattern(tokenizer: Any) -> re.Pattern[str]:
     """Every added token, longest first; one spelled like a word matches only as a whole word."""
-    tokens = sorted(tokenizer.added_tokens_encoder, key=len, reverse=True)
+    tokens = tuple(sorted(tokenizer.added_tokens_encoder, key=len, reverse=True))
+    cached = getattr(tokenizer, "_doctorglm_markers", None)
+    if cached is not None and cached[0] == tokens:
+        return cached[1]
     parts = [rf"(?<!\w){re.escape(t)}(?!\w)" if t.isalnum() else re.escape(t) for t in tokens if t]
-    return re.compile("|".join(parts) or "(?!)")
+    pattern = re.compile("|".join(parts) or "(?!)")
+    with contextlib.suppress(AttributeError):
+        tokenizer._doctorglm_markers = (tokens, pattern)
+    return pattern
 
 
 def build_prompt_ids(tokenizer: Any, history: list[ChatTurn], message: str, budget: int) -> list[int]:

@@ -100,3 +100,12 @@ def test_server_answers_a_question_full_of_special_tokens(server, default_tokeni
     assert body["usage"]["prompt_tokens"] == len(expected)
     parsed = default_tokenizer(compose_message(question), add_special_tokens=False)["input_ids"]
     assert body["usage"]["prompt_tokens"] > len(parsed) + 100
+
+
+def test_template_that_rewrites_messages_falls_back_to_plain_text(default_tokenizer) -> None:
+    import copy
+
+    tokenizer = copy.deepcopy(default_tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'][1:] }}{% endfor %}"
+    ids = render(tokenizer, [], "x头痛<|endoftext|>")
+    assert ids and not _special_counts(tokenizer, ids)  # safe over exact: no marker is trusted
