@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from .convert.base import PrefixKV
-from .families import original_family
+from .families import CHATGLM6B_MODEL_TYPE, original_family
 
 PTUNING_PREFIX = "transformer.prefix_encoder."
 PTUNING_EMBEDDING = PTUNING_PREFIX + "embedding.weight"
@@ -139,6 +139,11 @@ def load_peft_prefix(folder: Path, model: Any) -> PrefixKV:
                           f"({layers} layers x 2 x {kv_heads} kv heads x {head_dim})")
     # peft's layout: [token, layer*2 + (0 key | 1 value), kv head, head_dim]
     view = embedding.reshape(length, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+    if getattr(cfg, "model_type", None) == CHATGLM6B_MODEL_TYPE:
+        # ChatGLM-6B numbers positions from its ids, so under peft the prompt already started at 0 and
+        # the prefix keys were attended as they are: serve them unchanged.
+        return [(view[2 * i].unsqueeze(0).contiguous(), view[2 * i + 1].unsqueeze(0).contiguous())
+                for i in range(layers)]
     rotary, apply = _rotary_parts(model)
     keys = view[0::2]  # (layers, kv_heads, length, head_dim)
     positions = torch.full((1, length), -length, dtype=torch.long)

@@ -377,3 +377,38 @@ def test_engine_batched_greedy_equals_serial_and_the_golden(converted: Path) -> 
     assert ["".join(pieces) for pieces, _ in batched] == ["".join(pieces) for pieces, _ in serial]
     assert [done.completion_tokens for _, done in batched] == [4 + 3 * i for i in range(1, 5)] + [12]
     assert "".join(batched[-1][0]) == loaded.tokenizer.decode(case["greedy_12_ids"], skip_special_tokens=True)
+
+
+def test_a_peft_prefix_adapter_is_served_as_peft_computes_it_batched(converted: Path, tmp_path: Path) -> None:
+    """`--method ptuning` trains a peft prefix; ChatGLM-6B positions come from the ids, so its keys serve as
+    they are, in the engine's batched path too."""
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    from llm.loading import load_model
+    from llm.prefix import load_prefix, prefix_cache
+    from service.engine.types import SamplingParams
+    from tests.test_engine_batched import run_engine
+
+    peft_model = get_peft_model(_load(converted), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                                     num_virtual_tokens=6)).eval()
+    with torch.no_grad():
+        embedding = peft_model.prompt_encoder["default"].embedding.weight
+        embedding.copy_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(0)))
+    peft_model.save_pretrained(tmp_path / "prefix")
+    loaded = load_model(converted, dtype="fp32", device="cpu")
+    prefix = load_prefix(tmp_path / "prefix", loaded.model)
+    case = golden(FAMILY)["chat"][0]
+    ids = torch.tensor([case["prompt_ids"]])
+    mask = torch.ones((1, 6 + ids.shape[1]), dtype=torch.long)
+    with torch.no_grad():
+        served = loaded.model(ids, cache=prefix_cache(prefix), attention_mask=mask).logits[0, -1]
+        trained = peft_model(input_ids=ids).logits[0, -1]
+    assert torch.allclose(served, trained, atol=1e-4)
+    assert _max_diff(served, case["last_logits"]) > 0.1  # the prefix changes the answer
+
+    expected = loaded.model.generate(ids, cache=prefix_cache(prefix), attention_mask=mask, **GREEDY)[0, ids.shape[1]:]
+    loaded.prefix = prefix
+    greedy = SamplingParams(max_new_tokens=12, min_new_tokens=12, temperature=0.0)
+    mixed = run_engine(loaded, [("头痛" * 5, SamplingParams(max_new_tokens=9, temperature=0.0)),
+                                (case["query"], greedy)])
+    assert "".join(mixed[-1][0]) == loaded.tokenizer.decode(expected.tolist(), skip_special_tokens=True)
