@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from .conversation import audit_request
 from .errors import install_error_handlers
 from .middleware import RequestContextMiddleware, RequestLimits
-from .routes import chat, health, knowledge, openai_compat
+from .routes import chat, completions, health, knowledge, openai_compat
 from .runtime import Runtime, build_runtime, load_runtime
 from .settings import Settings, check_settings
 
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_list(), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
                            expose_headers=["x-request-id"])
-    for router in (chat.router, openai_compat.router, knowledge.router, health.router):
+    for router in (chat.router, openai_compat.router, completions.router, knowledge.router, health.router):
         app.include_router(router)
 
     def openapi() -> dict[str, Any]:

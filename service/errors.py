@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine.types import EngineNotReady, PromptTooLong, QueueFull, UpstreamError
+from .engine.types import EngineNotReady, InvalidPrompt, NotSupported, PromptTooLong, QueueFull, UpstreamError
 
 log = logging.getLogger(__name__)
 BAD_JSON = "the body is not valid UTF-8 JSON"
@@ -56,6 +56,10 @@ def to_api_error(exc: Exception, retry_after_s: int = 1) -> APIError:
         return APIError(429, "queue_full", f"{exc}; retry later", {"Retry-After": str(retry_after_s)})
     if isinstance(exc, PromptTooLong):
         return APIError(422, "prompt_too_long", str(exc))
+    if isinstance(exc, InvalidPrompt):
+        return APIError(422, "invalid_request", str(exc))
+    if isinstance(exc, NotSupported):
+        return APIError(400, "not_supported", str(exc))
     if isinstance(exc, EngineNotReady):
         return APIError(503, "not_ready", str(exc), {"Retry-After": "5"})
     if isinstance(exc, UpstreamError):

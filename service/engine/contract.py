@@ -7,13 +7,14 @@ engine for optional methods.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .types import Finished, GenerationRequest, PromptLogprobs, TokenDelta
 
 Event = TokenDelta | PromptLogprobs | Finished
 
 
+@runtime_checkable
 class EngineStream(Protocol):
     """One submitted request: `await open()` (connects, where there is anything to connect), then iterate
     its events (TokenDelta..., Finished; PromptLogprobs first when asked for); cancel() frees its slot."""
@@ -27,6 +28,7 @@ class EngineStream(Protocol):
     def __aiter__(self) -> AsyncIterator[Event]: ...
 
 
+@runtime_checkable
 class Engine(Protocol):
     """An engine kind: `local` (the model in this process) or `openai` (an OpenAI-compatible upstream)."""
 

@@ -38,6 +38,7 @@ from .types import (
     EngineNotReady,
     Finished,
     GenerationRequest,
+    InvalidPrompt,
     PromptLogprobs,
     PromptTooLong,
     QueueFull,
@@ -181,8 +182,15 @@ class LocalEngine:
     def prepare(self, request: GenerationRequest) -> list[int]:
         """Prompt ids within the budget (raises PromptTooLong for a message too long on its own)."""
         budget = self.context_tokens - request.params.max_new_tokens
-        if request.raw:
+        if request.raw_ids is not None:
+            ids = list(request.raw_ids)
+            if not ids or any(not 0 <= i < self.vocab_size for i in ids):
+                raise InvalidPrompt(f"prompt token ids must be a non-empty list within 0..{self.vocab_size - 1}")
+        elif request.raw:
             ids = list(self.tokenizer(request.message)["input_ids"])
+        if request.raw or request.raw_ids is not None:
+            if not ids:
+                raise InvalidPrompt("the prompt has no tokens")
             if len(ids) > max(budget, 1):
                 raise PromptTooLong(f"the prompt has {len(ids)} tokens; with max_tokens "
                                     f"{request.params.max_new_tokens} the limit is {max(budget, 1)}")
@@ -362,6 +370,9 @@ class LocalEngine:
         logprobs = self._token_logprobs(rows, out.logits[:, -1, :], tokens)
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             row.first_token_at = now
+            if row.request.params.max_new_tokens <= 0:  # echo only: the prompt's logprobs were all it asked
+                self._finish(row, "length")
+                continue
             self._accept(row, token, logprobs[i] if logprobs else None)
 
     def _serial_prefill(self, rows: list[_Row]) -> None:

@@ -37,8 +37,10 @@ class GenerationRequest:
     history: list[ChatTurn] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
-    # True: `message` is the whole prompt, tokenised as is (no chat template, no history) - raw completions.
+    # Raw completions: `message` is the whole prompt, tokenised as is (no chat template, no history), or
+    # raw_ids are the prompt's token ids.
     raw: bool = False
+    raw_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class EngineNotReady(EngineError):
     """The model is not loaded, or the engine is draining: the API answers 503."""
 
 
+class InvalidPrompt(EngineError):
+    """The prompt cannot be generated from (e.g. a token id outside the vocabulary): the API answers 422."""
+
+
 class NotSupported(EngineError):
     """This engine kind cannot do what the request asks (e.g. raw completions upstream): the API answers 400."""
 
@@ -96,6 +102,6 @@ class UpstreamError(EngineError):
     """The OpenAI-compatible upstream is down or answered an error: the API answers 503."""
 
 
-__all__ = ["ChatTurn", "EngineError", "EngineNotReady", "Finished", "GenerationRequest", "NotSupported",
-           "PromptLogprobs", "PromptTooLong", "QueueFull", "SamplingParams", "TokenDelta", "TokenLogprob",
-           "UpstreamError"]
+__all__ = ["ChatTurn", "EngineError", "EngineNotReady", "Finished", "GenerationRequest", "InvalidPrompt",
+           "NotSupported", "PromptLogprobs", "PromptTooLong", "QueueFull", "SamplingParams", "TokenDelta",
+           "TokenLogprob", "UpstreamError"]

@@ -22,6 +22,7 @@ from .types import (
     EngineNotReady,
     Finished,
     GenerationRequest,
+    NotSupported,
     PromptTooLong,
     QueueFull,
     TokenDelta,
@@ -214,7 +215,7 @@ class UpstreamHandle:
 
 
 class UpstreamEngine:
-    """Same interface as LocalEngine, backed by `{upstream_url}/chat/completions` (stream=true)."""
+    """The Engine contract (contract.py), backed by `{upstream_url}/chat/completions` (stream=true)."""
 
     kind = "openai"
 
@@ -278,6 +279,9 @@ class UpstreamEngine:
 
     def prepare(self, request: GenerationRequest) -> None:
         """No local tokenizer: the upstream applies its own chat template and truncation."""
+        if request.raw or request.params.logprobs is not None or request.params.prompt_logprobs:
+            raise NotSupported("raw completions and logprobs are served by the local engine only; "
+                               "call the upstream's own /v1/completions")
         return None
 
     def submit(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> UpstreamHandle:
