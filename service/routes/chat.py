@@ -38,7 +38,8 @@ def to_input(body: ChatRequest, runtime: Runtime, route: str) -> ChatInput:
     )
     history = [ChatTurn(user=q, assistant=a) for q, a in body.history or []]
     return ChatInput(question=body.prompt.strip(), history=history, params=params,
-                     use_knowledge=body.use_knowledge, max_length=body.max_length, route=route)
+                     use_knowledge=body.use_knowledge, max_length=body.max_length, route=route,
+                     patient=body.patient.to_context() if body.patient is not None else None)
 
 
 async def _start(runtime: Runtime, chat: ChatInput, request: Request, key: str) -> ChatStart:
@@ -116,6 +117,7 @@ async def chat(body: ChatRequest, request: Request, runtime: Runtime = Depends(g
         response=answer, history=history, status=200, time=clock(), id=start.id,
         references=start.designed.references, keywords=start.designed.keywords, usage=done["usage"],
         finish_reason=done["finish_reason"], safety=start.safety, uncertain=bool(start.designed.uncertainty_note),
+        patient=start.designed.patient,
     )
 
 
