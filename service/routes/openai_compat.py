@@ -58,7 +58,8 @@ def to_input(body: ChatCompletionRequest, runtime: Runtime) -> ChatInput:
                             top_p=SAMPLING_DEFAULTS.top_p if body.top_p is None else body.top_p, top_k=body.top_k,
                             repetition_penalty=body.repetition_penalty, seed=body.seed, stop=tuple(body.stop_list()))
     return ChatInput(question=question, history=history, params=params, use_knowledge=body.use_knowledge,
-                     route="/v1/chat/completions")
+                     route="/v1/chat/completions",
+                     patient=body.patient.to_context() if body.patient is not None else None)
 
 
 def _finish(reason: str) -> str:
