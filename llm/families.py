@@ -74,7 +74,11 @@ def _tokenizer_has_role_tokens(model_dir: Path) -> bool | None:
 
 
 def family_of(model_dir: Path) -> Family:
-    config = read_config(model_dir)
+    return family_from_config(read_config(model_dir), model_dir)
+
+
+def family_from_config(config: dict, model_dir: Path | None = None) -> Family:
+    """The family of a config.json's contents (or of a loaded model's `config.to_dict()`)."""
     found = original_family(config, model_dir)
     if found is not None:
         return found

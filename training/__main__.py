@@ -1,4 +1,4 @@
-"""`python -m training prepare|train|eval|merge|demo` — see `python -m training <command> --help`."""
+"""`python -m training prepare|train|eval|merge|convert|demo` — see `python -m training <command> --help`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from .config import TrainConfig  # noqa: E402
 
 _HELP_OVERRIDES = {
     "method": "lora (paper), ptuning (P-tuning v2 = peft prefix tuning) or full fine-tuning",
-    "target_modules": "comma-separated; default q_proj,v_proj (native GLM) or query_key_value (ChatGLM-6B)",
+    "target_modules": "comma-separated; default: the model family's (llm/families.py: q_proj,v_proj on GLM, "
+                      "query_key_value on converted ChatGLM-6B)",
     "with_brief": "fraction (0-1) of prompts that carry the prompt designer's disease brief",
     "max_steps": "stop after this many optimizer steps (0: use --epochs)",
     "max_seconds": "stop after this many seconds, keeping the best checkpoint (0: no limit)",
@@ -135,6 +136,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from llm.convert import ConversionError, convert
+
+    try:
+        result = convert(Path(args.source), Path(args.out), adapter=Path(args.adapter) if args.adapter else None)
+    except ConversionError as exc:
+        print(f"cannot convert: {exc}", file=sys.stderr)
+        return 2
+    merged = f", adapter {result.adapter} merged" if result.adapter else ""
+    print(f"converted {args.source} ({result.family.name}{merged}) → {result.out_dir} in {result.seconds:.1f} s "
+          f"({result.tensors} tensors, {result.shards} safetensors shards)")
+    print(f"serve it:  DOCTORGLM_MODEL_PATH={result.out_dir} make serve")
+    print(f"train on it:  python -m training train --model {result.out_dir} --data <dialogues> --out <run>")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -184,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("convert", help="an original ChatGLM-6B/2/3 checkpoint → a directory transformers 5 loads "
+                       "without remote code (safetensors, tokenizer.json, chat template)")
+    p.add_argument("source", help="the original checkpoint directory (config.json with auto_map, pytorch_model*.bin)")
+    p.add_argument("out", help="output directory (new or empty)")
+    p.add_argument("--adapter", help="a peft LoRA adapter trained on the ORIGINAL layout (e.g. DoctorGLM's "
+                   "query_key_value LoRA), merged before the conversion")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="`make demo-model`: pretrain the tiny GLM, LoRA it, merge into the cache")
     p.add_argument("--budget-s", type=float, default=540, help="total training time budget in seconds")

@@ -14,11 +14,6 @@ from typing import Any, Literal
 
 Method = Literal["lora", "ptuning", "full"]
 
-# Native GLM (GlmForCausalLM, GLM-4 layout) has separate q/k/v projections: adapt q and v as the paper did.
-NATIVE_GLM_TARGETS = ["q_proj", "v_proj"]
-# ChatGLM-6B/2/3 remote code fuses q, k and v into one Linear `query_key_value`; LoRA on it adapts q, k and v
-# together (peft cannot address a slice of a fused Linear), i.e. slightly more than the paper's q+v.
-CHATGLM_FUSED_TARGETS = ["query_key_value"]
 
 
 @dataclass
@@ -28,7 +23,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
-    target_modules: list[str] | None = None  # None: q_proj,v_proj (native GLM) or query_key_value (ChatGLM-6B)
+    target_modules: list[str] | None = None  # None: the model family's targets (llm/families.py)
     # P-tuning v2 (peft PrefixTuning); 128 virtual tokens is ChatGLM-6B's ptuning default
     pre_seq_len: int = 128
     # optimisation (paper)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import CHATGLM_FUSED_TARGETS, NATIVE_GLM_TARGETS, TrainConfig
+from llm.families import family_from_config
+
+from .config import TrainConfig
 
 
 def default_targets(model: Any) -> list[str]:
-    """q_proj,v_proj on native GLM (and Llama-style models); query_key_value on ChatGLM-6B/2/3 remote code,
-    where peft then adapts q, k and v together because they share one fused Linear."""
+    """The model family's LoRA targets, named once in llm/families.py (serving and training agree)."""
+    family = family_from_config(model.config.to_dict())
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if {"q_proj", "v_proj"} <= names:
-        return list(NATIVE_GLM_TARGETS)
-    if "query_key_value" in names:
-        return list(CHATGLM_FUSED_TARGETS)
-    raise ValueError("no q_proj/v_proj or query_key_value modules found: pass --target-modules")
+    if not set(family.lora_targets) <= names:
+        raise ValueError(f"the {family.name} family's LoRA targets {', '.join(family.lora_targets)} are not "
+                         "modules of this model: pass --target-modules")
+    return list(family.lora_targets)
 
 
 def apply_lora(model: Any, cfg: TrainConfig) -> Any:

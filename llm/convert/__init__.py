@@ -92,13 +92,7 @@ def _count_tensors(source: Path, files: list[Path]) -> int:
 
 
 def _write_tokenizer(source: Path, family: Family, config: dict, out: Path) -> None:
-    try:
-        from .tokenizer import convert_tokenizer, write_generation_config
-    except ModuleNotFoundError as exc:  # TEMPORARY until llm/convert/tokenizer.py lands
-        if exc.name != f"{__name__}.tokenizer":
-            raise
-        log.warning("llm.convert.tokenizer is not there yet: weights and config only")
-        return
+    from .tokenizer import convert_tokenizer, write_generation_config
 
     convert_tokenizer(source, family, out)
     write_generation_config(source, family, config, out)
