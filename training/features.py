@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm.chat_format import render
+from llm.chat_format import encode_plain, render
 from llm.prompt import compose_message
 
 from .data import Example
@@ -37,7 +37,7 @@ def encode(tokenizer: Any, example: Example, max_len: int = 512, max_target: int
     fit keeps its tail, where the question and the answer cue are. Labels are IGNORE on the prompt.
     """
     prompt = render(tokenizer, [], prompt_text(example, brief))
-    target = tokenizer(example.answer, add_special_tokens=False)["input_ids"][:max_target]
+    target = encode_plain(tokenizer, example.answer)[:max_target]  # dialogue text: no control tokens from it
     target = target + [tokenizer.eos_token_id]
     room = max(1, max_len - len(target))
     prompt = prompt[-room:]
