@@ -66,7 +66,7 @@ def needs_remote_code(model_dir: Path) -> bool:
 def load_model(model_dir: Path, *, adapter_dir: Path | None = None, dtype: str = "auto",
                device: str = "auto", quantization: str = "none", trust_remote_code: bool = False,
                cache_dir: Path | None = None) -> LoadedModel:
-    """Load tokenizer + model, merge the adapter at load, quantise after the merge (CUDA only).
+    """Load tokenizer + model, merge the adapter at load, quantise after the merge (llm.quantize, CPU or CUDA).
 
     An original ChatGLM-6B/2/3 directory is converted once into `<cache_dir>/converted/` (an original-layout
     LoRA adapter merged during the conversion) and the converted copy is served; no remote code runs. A
@@ -90,10 +90,6 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, dtype: str =
     if family_of(model_dir) is CHATGLM_6B_CONVERTED:
         import llm.chatglm6b  # noqa: F401  (registers the project's ChatGLM-6B class with the Auto classes)
     target_device = resolve_device(device)
-    if quantization != "none" and target_device != "cuda":
-        raise ModelLoadError(
-            f"DOCTORGLM_QUANTIZATION={quantization} needs a CUDA GPU (bitsandbytes); use none on CPU"
-        )
     torch_dtype = resolve_dtype(dtype, target_device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
@@ -102,7 +98,12 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, dtype: str =
     prefix_source = adapter_dir if adapter_dir is not None and is_prefix(adapter_dir) else None
     if adapter_dir is not None and prefix_source is None:
         model = attach_adapter(model, adapter_dir)
-    model = quantize_merged(model, quantization) if quantization != "none" else model.to(target_device)
+    if quantization != "none":
+        from .quantize import quantize_merged
+
+        model = quantize_merged(model, quantization, target_device)  # after the merge, never before
+    else:
+        model = model.to(target_device)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -149,6 +150,10 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
     """Merge a LoRA adapter into the weights; refuse adapters that cannot be merged, with what to do."""
     from peft import PeftConfig, PeftModel
 
+    from .quantize import is_quantized
+
+    if is_quantized(model):
+        raise ModelLoadError("a LoRA adapter is merged into float weights: merge it first, then quantise")
     try:
         peft_type = str(PeftConfig.from_pretrained(adapter_dir).peft_type)
     except (OSError, ValueError) as exc:
@@ -169,28 +174,3 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
             "`python -m training convert SOURCE OUT --adapter ADAPTER`"
         ) from exc
 
-
-def quantize_merged(model: Any, quantization: str) -> Any:
-    """Quantise an already merged model with bitsandbytes (the original could not do LoRA + INT4).
-
-    The merged weights are saved to a temporary directory and reloaded with a quantisation config,
-    which is the path bitsandbytes supports for every architecture transformers knows.
-    """
-    import tempfile
-
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        raise ModelLoadError("quantisation needs bitsandbytes: pip install '.[gpu]'") from exc
-    config = (
-        BitsAndBytesConfig(load_in_8bit=True)
-        if quantization == "int8"
-        else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_compute_dtype=model.dtype)
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=config, device_map="cuda:0",
-                                                    dtype=model.dtype)

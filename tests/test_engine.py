@@ -206,9 +206,10 @@ def test_adapter_merged_at_load_matches_adapter_logits(model_dirs: dict[str, Pat
     assert torch.allclose(merged, unmerged, atol=1e-4)
 
 
-def test_quantisation_on_cpu_is_a_clear_error(model_dirs: dict[str, Path]) -> None:
-    with pytest.raises(ModelLoadError, match="CUDA"):
-        load_model(model_dirs["glm"], device="cpu", quantization="int4")
+def test_quantisation_runs_on_cpu(model_dirs: dict[str, Path]) -> None:
+    # More in tests/test_quantization.py (through the real server, the order, unsupported shapes).
+    loaded = load_model(model_dirs["glm"], device="cpu", quantization="int4")
+    assert loaded.model.doctorglm_quantization == "int4"
 
 
 def test_remote_code_model_needs_opt_in_then_streams_serially(model_dirs: dict[str, Path], tmp_path: Path) -> None:

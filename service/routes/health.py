@@ -20,6 +20,20 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def live_model(runtime: Runtime) -> dict[str, Any]:
+    """Which model, adapter, dtype and quantisation answer (an upstream engine knows only its model name)."""
+    adapter = runtime.settings.adapter_path
+    info: dict[str, Any] = {"model": getattr(runtime.engine, "model_name", None),
+                            "adapter": adapter.name if adapter is not None else None,
+                            "dtype": None, "quantization": None}
+    model = getattr(runtime.engine, "model", None)
+    if model is not None:
+        from llm.quantize import model_summary
+
+        info.update(model_summary(model))
+    return info
+
+
 @router.api_route("/readyz", methods=["GET", "HEAD"],
                   responses={503: {"description": "Not ready: loading, failed to load, or draining"}})
 async def readyz(request: Request, runtime: Runtime = Depends(get_runtime)) -> Any:
@@ -28,7 +42,7 @@ async def readyz(request: Request, runtime: Runtime = Depends(get_runtime)) -> A
         "draining": runtime.draining,
         "index": runtime.retriever is not None,
         "engine": getattr(runtime.engine, "kind", None),
-        "model": getattr(runtime.engine, "model_name", None),
+        **live_model(runtime),
         "diseases": runtime.retriever.size if runtime.retriever is not None else 0,
         "auth": runtime.keys.enabled,
     }

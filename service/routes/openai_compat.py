@@ -29,6 +29,7 @@ from ..schemas import (
 )
 from .chat import SSE_PING_S, _start, answer_head, answer_tail, collect, full_answer
 from .deps import get_runtime
+from .health import live_model
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -121,4 +122,5 @@ async def _stream(runtime: Runtime, start: Any, model: str, created: int, cid: s
 @router.get("/models", responses=error_responses(401, 503))
 async def list_models(runtime: Runtime = Depends(get_runtime), key: str = Depends(require_api_key)) -> Any:
     return {"object": "list", "data": [{"id": runtime.settings.served_model_name, "object": "model",
-                                        "created": int(runtime.started_at), "owned_by": "doctorglm"}]}
+                                        "created": int(runtime.started_at), "owned_by": "doctorglm",
+                                        "doctorglm": live_model(runtime)}]}
