@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) bench/triage.py
 	$(PY) bench/serving.py
 	$(PY) bench/training.py
+	$(PY) bench/convert_memory.py
 
 index: $(STAMP)
 	$(PY) -m knowledge build --library $${DOCTORGLM_KNOWLEDGE_PATH:-knowledge/data/sample_diseases.jsonl}
