@@ -69,6 +69,15 @@ def test_every_chat_case_matches_the_original_logits_and_greedy_ids(model: ChatG
         assert _greedy(model, case["prompt_ids"]) == case["greedy_12_ids"]
 
 
+def test_long_greedy_answers_follow_the_original_chat_token_for_token(model: ChatGLM6BForCausalLM) -> None:
+    """chat(do_sample=False) answers of 143-250 tokens: block positions far past the prompt stay exact."""
+    for case in golden(FAMILY)["chat"]:
+        expected = case["chat_output_ids"]
+        ids = torch.tensor([case["prompt_ids"]])
+        out = model.generate(ids, max_new_tokens=len(expected), min_new_tokens=len(expected), do_sample=False)
+        assert out[0, ids.shape[1]:].tolist() == expected
+
+
 def test_eager_attention_equals_sdpa(converted: Path) -> None:
     from transformers import AutoModelForCausalLM
 

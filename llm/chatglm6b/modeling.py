@@ -78,9 +78,9 @@ def attention_allowed(input_ids: torch.Tensor | None, attention_mask: torch.Tens
     new = causal.expand(batch, length, length)
     if input_ids is not None:
         is_bos = input_ids == bos_id
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.shape[1] >= length:
             is_bos &= attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-        # No <sop> in the chunk: nothing is visible beyond the causal part.
+        # No <sop> in the chunk: plain causal attention (a continuation, or text without the chat format).
         context_end = torch.where(is_bos.any(dim=1), is_bos.int().argmax(dim=1), 0)
         new = new | (query[None, None, :] < context_end[:, None, None])
     allowed = torch.cat([new.new_ones((batch, length, past)), new], dim=2)

@@ -7,8 +7,8 @@ With `position_encoding_2d` false there is one position: the context's numbering
 block after a [gMASK], and stays at the mask position after a [MASK].
 
 Padding (attention_mask 0) is skipped: a row's positions count from its first real token, so a prompt
-has the same positions alone and inside a left-padded batch. A row without <sop> is all context and is
-numbered 0, 1, 2, ... (the original refuses such rows; the engine's probe and plain text need them).
+has the same positions alone and inside a left-padded batch. A row without <sop> is numbered 0, 1, 2, ...
+and attends causally (the original refuses such rows; the engine's probe and plain text need them).
 
 `ChatGLM6BPositions` is the engine's per-row scheme (llm.positions.PositionScheme); it derives its state
 from the same function, so the engine's step-wise positions cannot drift from a full forward's.
