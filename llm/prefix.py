@@ -103,6 +103,11 @@ def load_ptuning(folder: Path) -> PrefixKV:
     return weight_map_for(family).prefix_kv(embedding, config)
 
 
+def _compute_param(model: Any) -> torch.Tensor:
+    """A floating-point parameter: the device and compute dtype (a quantised model's int8 weights are neither)."""
+    return next(p for p in model.parameters() if p.is_floating_point())
+
+
 def _rotary_parts(model: Any) -> tuple[Any, Any]:
     """The model's rotary module and its modeling file's apply_rotary_pos_emb (Llama-style models)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
@@ -147,7 +152,7 @@ def load_peft_prefix(folder: Path, model: Any) -> PrefixKV:
     rotary, apply = _rotary_parts(model)
     keys = view[0::2]  # (layers, kv_heads, length, head_dim)
     positions = torch.full((1, length), -length, dtype=torch.long)
-    param = next(model.parameters())
+    param = _compute_param(model)
     with torch.no_grad():
         cos, sin = rotary(keys.to(param.device, param.dtype), positions.to(param.device))
         rotated, _ = apply(keys.to(param.device, param.dtype), keys.to(param.device, param.dtype), cos, sin)
@@ -177,7 +182,7 @@ def load_prefix(folder: Path, model: Any) -> PrefixKV:
         raise PrefixError(f"{folder} is neither a P-tuning v2 checkpoint nor a peft prefix adapter")
     prefix = load_ptuning(folder) if kind == "ptuning" else load_peft_prefix(folder, model)
     check_fits(prefix, model, folder)
-    param = next(model.parameters())
+    param = _compute_param(model)
     return [(k.to(param.device, param.dtype), v.to(param.device, param.dtype)) for k, v in prefix]
 
 

@@ -171,3 +171,82 @@ def _resized_adapter(tmp_path: Path) -> Path:
     save_file({k: torch.cat([v, v]) if "lora_B" in k else v for k, v in weights.items()},
               str(out / "adapter_model.safetensors"))
     return out
+
+
+def _chatglm2_config(**overrides: object) -> dict:
+    config = json.loads((original_checkpoint("chatglm2-6b") / "config.json").read_text(encoding="utf-8"))
+    return {**config, **overrides}
+
+
+def test_config_fields_follow_the_original() -> None:
+    from llm.convert.glm2 import GLM2_WEIGHTS, UnsupportedCheckpoint
+
+    config = GLM2_WEIGHTS.config(_chatglm2_config(rope_ratio=16, multi_query_attention=False, seq_length=4096))
+    assert config["rope_parameters"]["rope_theta"] == 160000.0
+    assert config["rope_parameters"]["partial_rotary_factor"] == 0.5
+    assert config["num_key_value_heads"] == config["num_attention_heads"]
+    assert config["max_position_embeddings"] == 4096
+    for variant in ({"rmsnorm": False}, {"add_bias_linear": True}, {"post_layer_norm": False}):
+        with pytest.raises(UnsupportedCheckpoint):
+            GLM2_WEIGHTS.config(_chatglm2_config(**variant))
+
+
+def test_fused_qkv_split_follows_the_original_views() -> None:
+    """Each fused output row labelled by (head, part, i) as the original's view/split defines it."""
+    from llm.convert.glm2 import split_qkv
+
+    heads, groups, dim = 3, 1, 4
+    # Multi-query: [q heads | k groups | v groups] along the output rows.
+    mqa = torch.arange((heads + 2 * groups) * dim, dtype=torch.float32)
+    q, k, v = split_qkv(mqa, _chatglm2_config(num_attention_heads=heads, multi_query_group_num=groups,
+                                              kv_channels=dim, multi_query_attention=True))
+    assert q.tolist() == list(range(heads * dim)) and k.tolist() == list(range(heads * dim, (heads + 1) * dim))
+    # Without multi-query the original views the output as (heads, 3 * dim): q, k, v per head.
+    fused = torch.tensor([[h * 100 + part * 10 + i for i in range(dim)] for h in range(heads) for part in range(3)],
+                         dtype=torch.float32).reshape(-1)
+    q, k, v = split_qkv(fused, _chatglm2_config(num_attention_heads=heads, kv_channels=dim,
+                                                multi_query_attention=False))
+    for tensor, part in ((q, 0), (k, 1), (v, 2)):
+        assert tensor.reshape(heads, dim).tolist() == [[h * 100 + part * 10 + i for i in range(dim)]
+                                                       for h in range(heads)]
+
+
+@pytest.mark.parametrize("options", [{}, {"use_rslora": True}, {"alpha_pattern": {"query_key_value": 4}}],
+                         ids=["plain", "rslora", "alpha_pattern"])
+def test_state_dict_lora_merge_equals_peft_merge(options: dict, tmp_path: Path) -> None:
+    """peft itself is the reference: the same LoRA on a module tree named like the original checkpoint."""
+    from peft import LoraConfig, get_peft_model
+
+    from llm.convert.original_lora import OriginalLora
+
+    name = "transformer.encoder.layers.0.self_attention.query_key_value"
+
+    class Tree(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = torch.nn.Module()
+            self.transformer.encoder = torch.nn.Module()
+            layer = torch.nn.Module()
+            layer.self_attention = torch.nn.Module()
+            layer.self_attention.query_key_value = torch.nn.Linear(8, 12)
+            self.transformer.encoder.layers = torch.nn.ModuleList([layer])
+
+    torch.manual_seed(0)
+    base = Tree()
+    original = base.state_dict()[name + ".weight"].clone()
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["query_key_value"],
+                                                 init_lora_weights=False, **options))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = peft_model.merge_and_unload().state_dict()[name + ".weight"]
+    merged = OriginalLora.load(tmp_path / "adapter").apply(name + ".weight", original)
+    assert (merged - original).abs().max() > 1e-3
+    assert torch.allclose(merged, expected, atol=1e-6)
+
+
+def test_progress_bar_is_quiet_off_a_terminal() -> None:
+    from llm.convert import _progress_bar
+
+    with _progress_bar(3, None) as bar:  # pytest captures stdout: not a terminal
+        assert bar.disable
+    with _progress_bar(3, True) as bar:
+        assert not bar.disable
