@@ -167,7 +167,8 @@ def test_stop_aborts_the_stream_and_the_server_stops(server, page, artifacts: Pa
     open_page(page, server.url, "?max_new_tokens=512&min_new_tokens=512")
     cancelled_before = metric(server.url, "doctorglm_finish_reasons_total", {"reason": "cancelled"})
     ask(page, QUESTION)
-    page.wait_for_function("document.querySelector('.turn .a-text').textContent.length > 10")
+    # A function, not an expression string: the page's CSP has no 'unsafe-eval', which a string predicate needs.
+    page.wait_for_function("() => document.querySelector('.turn .a-text').textContent.length > 10")
     assert metric(server.url, "doctorglm_active_streams") >= 1
     assert page.is_visible("#stop") and page.is_disabled("#send")
     page.click("#stop")
