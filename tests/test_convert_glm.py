@@ -250,3 +250,15 @@ def test_progress_bar_is_quiet_off_a_terminal() -> None:
         assert bar.disable
     with _progress_bar(3, True) as bar:
         assert not bar.disable
+
+
+def test_convert_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.__main__ import main
+
+    source = original_checkpoint("chatglm2-6b")
+    assert main(["convert", str(source), str(tmp_path / "out"), "--adapter", str(source / "lora")]) == 0
+    printed = capsys.readouterr().out
+    assert f"DOCTORGLM_MODEL_PATH={tmp_path / 'out'}" in printed and "merged" in printed
+    assert json.loads((tmp_path / "out" / "conversion.json").read_text(encoding="utf-8"))["adapter"]
+    assert main(["convert", str(source), str(tmp_path / "out")]) == 2  # not empty
+    assert "not empty" in capsys.readouterr().err

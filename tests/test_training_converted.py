@@ -56,3 +56,12 @@ def test_the_adapter_merges_at_load(trained: dict) -> None:
     assert (unmerged - plain).abs().max() > 1e-3  # training changed the model
     assert torch.allclose(merged, unmerged, atol=1e-4)
     assert torch.allclose(from_original, unmerged, atol=1e-4)
+
+
+def test_training_on_an_original_directory_says_convert_first(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from training.__main__ import main
+
+    source = original_checkpoint("chatglm3-6b")
+    assert main(["train", "--model", str(source), "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "python -m training convert" in capsys.readouterr().err

@@ -92,8 +92,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from llm.families import original_family, read_config
+
     from .trainer import Trainer
 
+    if original_family(read_config(Path(args.model))) is not None:
+        print(f"{args.model} is an original ChatGLM checkpoint (remote code): convert it first with "
+              f"`python -m training convert {args.model} <converted>` and train on <converted>", file=sys.stderr)
+        return 2
     cfg = config_from(args)
     train, val = load_split(args.data, cfg.seed)
     result = Trainer(cfg, Path(args.model), Path(args.out), progress=not args.quiet).run(train, val, args.resume)
