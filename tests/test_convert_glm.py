@@ -186,7 +186,8 @@ def test_config_fields_follow_the_original() -> None:
     assert config["rope_parameters"]["partial_rotary_factor"] == 0.5
     assert config["num_key_value_heads"] == config["num_attention_heads"]
     assert config["max_position_embeddings"] == 4096
-    for variant in ({"rmsnorm": False}, {"add_bias_linear": True}, {"post_layer_norm": False}):
+    for variant in ({"rmsnorm": False}, {"add_bias_linear": True}, {"post_layer_norm": False},
+                    {"quantization_bit": 4}):
         with pytest.raises(UnsupportedCheckpoint):
             GLM2_WEIGHTS.config(_chatglm2_config(**variant))
 

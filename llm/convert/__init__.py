@@ -119,7 +119,8 @@ def convert(source: Path, out: Path, *, adapter: Path | None = None, progress: b
     try:
         converted_config = weights.config(config)
     except (KeyError, ValueError) as exc:
-        raise ConversionError(f"{source}/config.json cannot be converted: {exc!r}") from exc
+        detail = f"it lacks the field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ConversionError(f"{source}/config.json cannot be converted: {detail}") from exc
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

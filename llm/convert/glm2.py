@@ -47,6 +47,11 @@ def head_layout(original: dict) -> tuple[int, int, int]:
 
 
 def _check_supported(original: dict) -> None:
+    if int(original.get("quantization_bit") or 0) not in (0, 16, 32):
+        raise UnsupportedCheckpoint(
+            f"this checkpoint was quantised to {original['quantization_bit']} bits by its own code (e.g. "
+            "chatglm2-6b-int4): convert the fp16 checkpoint and set DOCTORGLM_QUANTIZATION=int8/int4 instead"
+        )
     problems = []
     if not original.get("rmsnorm", True):
         problems.append("rmsnorm=false (LayerNorm)")
