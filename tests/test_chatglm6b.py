@@ -70,12 +70,18 @@ def test_every_chat_case_matches_the_original_logits_and_greedy_ids(model: ChatG
 
 
 def test_long_greedy_answers_follow_the_original_chat_token_for_token(model: ChatGLM6BForCausalLM) -> None:
-    """chat(do_sample=False) answers of 143-250 tokens: block positions far past the prompt stay exact."""
-    for case in golden(FAMILY)["chat"]:
-        expected = case["chat_output_ids"]
-        ids = torch.tensor([case["prompt_ids"]])
-        out = model.generate(ids, max_new_tokens=len(expected), min_new_tokens=len(expected), do_sample=False)
-        assert out[0, ids.shape[1]:].tolist() == expected
+    """chat(do_sample=False) answers of 143-250 tokens (one left-padded batch): block positions far past
+    the prompt stay exact."""
+    cases = golden(FAMILY)["chat"]
+    width = max(len(c["prompt_ids"]) for c in cases)
+    longest = max(len(c["chat_output_ids"]) for c in cases)
+    pad = model.config.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(c["prompt_ids"])) + c["prompt_ids"] for c in cases])
+    mask = torch.tensor([[0] * (width - len(c["prompt_ids"])) + [1] * len(c["prompt_ids"]) for c in cases])
+    out = model.generate(ids, attention_mask=mask, pad_token_id=pad, max_new_tokens=longest, min_new_tokens=longest,
+                         do_sample=False)
+    for row, case in zip(out, cases, strict=True):
+        assert row[width:width + len(case["chat_output_ids"])].tolist() == case["chat_output_ids"]
 
 
 def test_eager_attention_equals_sdpa(converted: Path) -> None:
