@@ -53,6 +53,24 @@ log = logging.getLogger(__name__)
 PREFILL_TOKEN_BUDGET = 4096
 
 
+@dataclass
+class StepTimings:
+    """Where the worker's time goes, summed over the batched decode steps (perf_counter, always on: a few
+    calls per step). Parts: cache = mask + in-place cache bookkeeping, forward = the model, sample = penalties
+    and sampling, tokens = per-row token handling (detokenise, stop strings, guard), deliver = event hand-off."""
+
+    steps: int = 0
+    rows: int = 0  # rows summed over steps (rows / steps = mean batch)
+    prefills: int = 0
+    prefill_rows: int = 0
+    prefill_s: float = 0.0
+    cache_s: float = 0.0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    tokens_s: float = 0.0
+    deliver_s: float = 0.0
+
+
 @dataclass(eq=False)
 class _Row:
     """One request inside the worker."""
@@ -153,6 +171,7 @@ class LocalEngine:
         self._batch = BatchState(max_batch_size, self.vocab_size, self.device, self._bool_mask)
         self._sampling: RowSampling | None = None
         self.steps = 0
+        self.timings = StepTimings()
         self.ready = False
 
     # ----- public API (event-loop side) -----
@@ -317,8 +336,12 @@ class LocalEngine:
 
     def _guarded(self, prefill: Any, rows: list[_Row]) -> None:
         """Prefill a group; when it fails, retry its rows one by one so that a bad request fails alone."""
+        started = time.perf_counter()
         try:
             prefill(rows)
+            self.timings.prefills += 1
+            self.timings.prefill_rows += len(rows)
+            self.timings.prefill_s += time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - the requests fail, never the worker
             if len(rows) > 1:
                 for row in rows:
@@ -394,20 +417,33 @@ class LocalEngine:
         if not self.batched:
             self._serial_step()
             return
-        batch = self._batch
+        batch, timings = self._batch, self.timings
+        t0 = time.perf_counter()
         if self._sampling is None:
             self._sampling = self._row_sampling(self._rows)
         mask = batch.step_mask()
+        t1 = time.perf_counter()
         out = self.model(input_ids=batch.next[:, None], attention_mask=mask,
                          position_ids=self.positions.as_input(batch.positions), use_cache=True,
                          **{self._cache_kw: batch.cache})
         raw = out.logits[:, -1, :]
+        t2 = time.perf_counter()
         logits = self._suppress_eos(raw, self._rows)
         tokens = sample(logits, self._sampling, batch.seen[:batch.rows], self._uniforms(self._rows))
+        values = tokens.tolist()
+        t3 = time.perf_counter()
         batch.advance(tokens, self.positions.advance(batch.positions))
+        t4 = time.perf_counter()
         logprobs = self._token_logprobs(self._rows, raw, tokens)
-        for i, (row, token) in enumerate(zip(self._rows, tokens.tolist(), strict=True)):
+        for i, (row, token) in enumerate(zip(self._rows, values, strict=True)):
             self._accept(row, token, logprobs[i] if logprobs else None)
+        t5 = time.perf_counter()
+        timings.steps += 1
+        timings.rows += len(self._rows)
+        timings.cache_s += (t1 - t0) + (t4 - t3)
+        timings.forward_s += t2 - t1
+        timings.sample_s += t3 - t2
+        timings.tokens_s += t5 - t4
 
     def _serial_step(self) -> None:
         """Generic path for models whose cache cannot be batched: one forward per row, round robin."""
@@ -556,11 +592,15 @@ class LocalEngine:
 
     def _deliver(self) -> None:
         """Hand this step's events to each event loop in one call (one wake-up per loop, not per token)."""
+        if not self._outbox:
+            return
+        started = time.perf_counter()
         outbox, self._outbox = self._outbox, {}
         for loop, items in outbox.items():
             # The event loop may already be closed at shutdown; nobody is listening then.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_put_all, items)
+        self.timings.deliver_s += time.perf_counter() - started
 
     def _drop_finished(self) -> None:
         for row in self._rows:

@@ -28,6 +28,11 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+# Top-p looks at the most likely tokens first; a full sort of the vocabulary (13 ms for 8 x 8192 on one
+# CPU core, more than the tiny model's forward) is needed only when these do not reach a row's top_p.
+TOP_P_CANDIDATES = 64
+
+
 def sample(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None,
            uniforms: torch.Tensor | None) -> torch.Tensor:
     """Pick one token per row. uniforms: one U(0,1) per row from the row's own generator."""
@@ -37,20 +42,26 @@ def sample(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None,
     greedy_ids = logits.argmax(dim=-1)
     if rows.all_greedy or uniforms is None:
         return greedy_ids
+    vocab = logits.shape[-1]
     scaled = logits / rows.temperature
-    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
     if rows.any_top_k:
-        ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
-        keep_k = (rows.top_k <= 0) | (ranks < rows.top_k)
-        sorted_logits = sorted_logits.masked_fill(~keep_k, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    if rows.any_top_p:
-        cumulative = probs.cumsum(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the first token).
-        drop = (cumulative - probs) >= rows.top_p
-        probs = probs.masked_fill(drop, 0.0)
+        # Keep scores at or above each row's k-th best (ties at the k-th are kept); top_k 0 keeps all.
+        best = scaled.topk(min(int(rows.top_k.max()), vocab), dim=-1).values
+        kth = best.gather(-1, (rows.top_k.clamp(min=1, max=best.shape[-1]) - 1))
+        scaled = scaled.masked_fill((rows.top_k > 0) & (scaled < kth), float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    targets = uniforms[:, None]
+    # Rows without top-p draw from the whole distribution in vocabulary order: no sort at all.
     cumulative = probs.cumsum(dim=-1)
-    targets = uniforms[:, None] * cumulative[:, -1:]
-    picks = torch.searchsorted(cumulative, targets).clamp_(max=probs.shape[-1] - 1)
-    sampled = sorted_ids.gather(-1, picks).squeeze(-1)
+    picks = torch.searchsorted(cumulative, targets * cumulative[:, -1:]).clamp_(max=vocab - 1)
+    sampled = picks.squeeze(-1)
+    if rows.any_top_p:
+        top, ids = probs.topk(min(TOP_P_CANDIDATES, vocab), dim=-1)
+        if bool(((rows.top_p < 1.0) & (top.sum(dim=-1, keepdim=True) < rows.top_p)).any()):
+            top, ids = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the first token).
+        kept = top.masked_fill((top.cumsum(dim=-1) - top) >= rows.top_p, 0.0)
+        kept_cumulative = kept.cumsum(dim=-1)
+        nucleus = torch.searchsorted(kept_cumulative, targets * kept_cumulative[:, -1:]).clamp_(max=top.shape[-1] - 1)
+        sampled = torch.where(rows.top_p.squeeze(-1) < 1.0, ids.gather(-1, nucleus).squeeze(-1), sampled)
     return torch.where(rows.greedy, greedy_ids, sampled)
