@@ -99,6 +99,11 @@ class SearchSettings:
     # Conditions a fired red-flag rule is about (safety rules' "suspects"): ranked first, so the references
     # and the brief of an emergency describe the emergency, not whatever shares its words.
     w_suspect: float = 3.0
+    # For a patient not identified as a child, the first `fusion_depth` documents are re-ordered by
+    # reciprocal-rank fusion with plain BM25 (a second view that no weight was tuned for; K is the
+    # customary 60, not tuned). Children: off, their common infections need the priors. Emergencies: off.
+    fusion_depth: int = 5
+    fusion_k: float = 60.0
 
 
 @dataclass
@@ -399,6 +404,7 @@ class Retriever:
         ``patient``: a structured record (age, sex, symptoms present and denied) read beside the text."""
         start = time.perf_counter()
         s = self.settings
+        gap, agreed = np.inf, True
         if s.mode == "plain":
             tokens = self.plain_tokens(query)
             scores = self.plain_scores(tokens)
@@ -433,18 +439,39 @@ class Retriever:
                 if s.w_single and n_query >= 2:
                     final -= s.w_single * (n_hit <= 1)
                 final[no_match] = -np.inf
-                rows = _top(final, k)
+                rows = _top(final, max(k, s.fusion_depth))
                 rows = rows[np.isfinite(final[rows])]
                 final = final[rows]
+                gap = final[0] - final[1] if len(final) > 1 else np.inf
+                if s.fusion_depth and not cues.child and not suspects and len(rows) > 1:
+                    listed = "、".join(patient.symptoms) if patient is not None else ""
+                    rows, final, agreed = self._fuse(" ".join(t for t in (query, listed) if t), rows)
+                rows, final = rows[:k], final[:k]
             else:
                 rows, final = np.zeros(0, dtype=int), np.zeros(0)
         matcher = _automaton(keywords) if keywords and len(rows) else None
         hits = [self._hit(int(r), float(sc), keywords, matcher) for r, sc in zip(rows, final, strict=True)]
         margin = s.confident_margin if s.mode == "plain" or cues.child else s.confident_margin_without_child
-        confident = bool(len(hits) == 1 or (len(hits) > 1 and final[0] - final[1] >= margin))
+        if s.mode == "plain":
+            gap = final[0] - final[1] if len(final) > 1 else np.inf
+        # Confident: the best document leads the hand-weighted ranking by the margin, and (when the two
+        # rankings were fused) plain BM25 agrees on it.
+        confident = bool(hits) and gap >= margin and agreed
         latency = (time.perf_counter() - start) * 1000
         return SearchResult(query=query, keywords=keywords, hits=hits, confident=confident and bool(hits),
                             latency_ms=latency, negated=negated, cues=cues.as_dict())
+
+    def _fuse(self, text: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Reciprocal-rank fusion (1/(K + rank), K = 60 as Cormack et al. 2009) of the fielded ranking and
+        plain BM25 over the first `fusion_depth` rows; later rows keep their order. Returns the rows, their
+        fused scores (never rising down the list) and whether the fused first is the fielded first."""
+        s = self.settings
+        plain = self.plain_scores(self.plain_tokens(text))
+        ranks = np.array([(plain > plain[r]).sum() if plain[r] > 0 else self.size for r in rows.tolist()])
+        fused = 1 / (s.fusion_k + 1 + np.arange(len(rows))) + 1 / (s.fusion_k + 1 + ranks)
+        depth = min(s.fusion_depth, len(rows))
+        order = np.concatenate([np.argsort(-fused[:depth], kind="stable"), np.arange(depth, len(rows))])
+        return rows[order], np.minimum.accumulate(fused[order]), bool(order[0] == 0)
 
     def _hit(self, row: int, score: float, keywords: list[str], matcher: ahocorasick.Automaton | None) -> Hit:
         """A ranked document with the query keywords found in its text and the sections holding them."""

@@ -245,3 +245,19 @@ def test_progress_off_a_terminal_is_a_few_plain_lines(capsys: pytest.CaptureFixt
     silent.update()
     silent.close()
     assert capsys.readouterr().err == ""
+
+
+def test_rank_fusion_for_patients_not_known_to_be_children(tiny: Retriever) -> None:
+    off = Retriever(tiny.index, SearchSettings(fusion_depth=0))
+    child_query = "宝宝1岁，拉肚子还吐，有点发烧"
+    assert [h.score for h in tiny.search(child_query).hits] == [h.score for h in off.search(child_query).hits]
+    query = "鼻塞，头痛，恶心"  # no child cue: fielded ranking and plain BM25 are fused
+    fielded = [h.disease.id for h in off.search(query, k=5).hits]
+    plain = tiny.plain_scores(tiny.plain_tokens(query))
+    ids = tiny.index.meta.ids
+    plain_rank = {ids[r]: int((plain > plain[r]).sum()) for r in range(tiny.size) if plain[r] > 0}
+    expected = sorted(fielded, key=lambda d: -(1 / (61 + fielded.index(d)) + 1 / (61 + plain_rank.get(d, 10**6))))
+    fused = tiny.search(query, k=5).hits
+    assert [h.disease.id for h in fused] == expected
+    scores = [h.score for h in fused]
+    assert scores == sorted(scores, reverse=True) and scores[0] <= 2 / 61
