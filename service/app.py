@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 
-from .conversation import audit_request
+from .chat_audit import audit_request
 from .errors import install_error_handlers
 from .middleware import RequestContextMiddleware, RequestLimits
 from .routes import chat, completions, health, knowledge, openai_compat

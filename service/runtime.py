@@ -59,7 +59,7 @@ class Runtime:
         self.open_streams -= 1
 
     def record_service_time(self, seconds: float) -> None:
-        """Start-to-end time of a finished answer; the recent ones size Retry-After."""
+        """How long a finished answer held its generation row; the recent ones size Retry-After."""
         self.service_times.append(seconds)
 
     def retry_after_s(self) -> int:
@@ -110,7 +110,8 @@ class Runtime:
 
 def build_runtime(settings: Settings, *, progress: bool = True) -> Runtime:
     """Light parts only; the model and index are loaded by load_runtime (may take a while)."""
-    triage = Triage.from_file(settings.red_flags_path, backstop=settings.triage_backstop)
+    triage = Triage.from_file(settings.red_flags_path, backstop=settings.triage_backstop,
+                              backstop_path=settings.triage_backstop_path)
     runtime = Runtime(settings=settings, metrics=Metrics(), keys=KeyChecker(settings.keys()),
                       audit=AuditLog(settings.audit_log), triage=triage)
     runtime.metrics.watch_engine(runtime.engine_stats)
