@@ -290,7 +290,8 @@ class Retriever:
                         weights[term] += tw * specificity
                     if factor == 1.0 and term in self._name_rows and term not in qt.past:
                         named[term] = max(named.get(term, 0.0), w)
-                    variants = self._variants(term) if specificity else ()  # of kept words only
+                    # Variants of words judged findings only (a discourse word's variants are not evidence).
+                    variants = self._variants(term) if specificity is not None and specificity >= 1.0 else ()
                     for clinical in (*lay.get(term, ()), *variants):
                         weights[clinical] = max(weights[clinical], tw * s.lay_weight)
             if s.scan_weight:

@@ -11,7 +11,6 @@ which moved rankings to common neighbours. No evaluation label or query is read.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,9 +25,18 @@ class SymptomLinks:
     """Prose word -> the symptom-list words that are its variants, computed on first use per word."""
 
     def __init__(self, symptom_lists: Sequence[Sequence[str]]) -> None:
-        self._lists = [frozenset(s) for s in symptom_lists]
-        self._listed = Counter(t for s in self._lists for t in s)
-        self._n = max(len(self._lists), 1)
+        terms: dict[str, int] = {}
+        flat: list[int] = []
+        indptr = [0]
+        for listed in symptom_lists:
+            flat.extend(terms.setdefault(t, len(terms)) for t in dict.fromkeys(listed))
+            indptr.append(len(flat))
+        self._terms = list(terms)
+        self._flat = np.array(flat, dtype=np.int32)  # CSR: document -> its symptom-list term ids
+        self._indptr = np.array(indptr, dtype=np.int64)
+        self._listed = np.bincount(self._flat, minlength=len(self._terms))  # documents listing each term
+        self._known = terms
+        self._n = max(len(symptom_lists), 1)
         self._cache: dict[str, tuple[str, ...]] = {}
 
     def links(self, word: str, docs: np.ndarray) -> tuple[str, ...]:
@@ -37,14 +45,19 @@ class SymptomLinks:
         if cached is not None:
             return cached
         out: tuple[str, ...] = ()
-        if len(docs) >= MIN_DOCS and word not in self._listed:
+        if len(docs) >= MIN_DOCS and word not in self._known:
+            starts, ends = self._indptr[docs], self._indptr[np.asarray(docs) + 1]
+            lengths = ends - starts
+            # every (document, listed term) pair of these documents, in one gather
+            at = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+            counts = np.bincount(self._flat[at], minlength=len(self._terms))
             chars = set(word)
-            counts = Counter(t for d in docs.tolist() for t in self._lists[d] if len(t) >= 2 and chars & set(t))
             scored = []
-            for term, k in counts.items():
-                share = k / len(docs)
-                lift = share / (self._listed[term] / self._n)
-                if k >= MIN_SHARED_DOCS and lift >= MIN_LIFT:
+            for tid in np.flatnonzero(counts >= MIN_SHARED_DOCS).tolist():
+                term = self._terms[tid]
+                share = counts[tid] / len(docs)
+                lift = share / (self._listed[tid] / self._n)
+                if len(term) >= 2 and lift >= MIN_LIFT and chars & set(term):
                     scored.append((share * math.log(lift), term))
             out = tuple(t for _, t in sorted(scored, reverse=True)[:MAX_LINKS])
         if len(self._cache) < 100_000:
