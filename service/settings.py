@@ -16,14 +16,15 @@ DEFAULT_SAFETY_NOTICE = (
 )
 
 
-class Settings(BaseSettings):
-    """One settings object for the whole service. Every field has a safe default."""
+# An empty variable means "not set" (docker-compose.yml passes every setting, empty when .env lacks it).
+_CONFIG = SettingsConfigDict(env_prefix="DOCTORGLM_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
-    # An empty variable means "not set" (docker-compose.yml passes every setting, empty when .env lacks it).
-    model_config = SettingsConfigDict(env_prefix="DOCTORGLM_", env_file=".env", extra="ignore",
-                                      env_ignore_empty=True)
 
-    # --- model ---
+class ModelSettings(BaseSettings):
+    """Which model answers, and how it is loaded (or where the upstream engine is)."""
+
+    model_config = _CONFIG
+
     model_path: Path | None = Field(
         None, description="Causal-LM directory. Empty: the embedded default built under cache_dir."
     )
@@ -37,14 +38,25 @@ class Settings(BaseSettings):
     upstream_model: str | None = None
     upstream_api_key: SecretStr | None = None
     upstream_timeout_s: float = Field(120.0, gt=0)
+    served_model_name: str = "doctorglm"
 
-    # --- knowledge ---
+
+class KnowledgeSettings(BaseSettings):
+    """The disease library, its cached index, and the brief written into the prompt."""
+
+    model_config = _CONFIG
+
     knowledge_path: Path = SAMPLE_LIBRARY
     cache_dir: Path = DEFAULT_CACHE_DIR
     brief_chars: int = Field(600, ge=50, le=8000, description="Character budget of the disease brief.")
     retrieval_k: int = Field(3, ge=1, le=20)
 
-    # --- generation limits ---
+
+class GenerationSettings(BaseSettings):
+    """What one request may ask for, and the engine's batch and queue."""
+
+    model_config = _CONFIG
+
     max_input_chars: int = Field(4000, ge=1)
     max_history_turns: int = Field(20, ge=0)
     max_new_tokens: int = Field(512, ge=1)
@@ -54,13 +66,14 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)
     repetition_guard: bool = True
 
-    # --- server ---
+
+class ServerSettings(BaseSettings):
+    """Where it listens, the HTTP limits, shutdown and logs."""
+
+    model_config = _CONFIG
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: SecretStr | None = None
-    api_keys_file: Path | None = None
-    allow_anonymous: bool = False
-    cors_origins: str = ""
     max_body_bytes: int = Field(1_000_000, ge=1024)
     # Before any key is checked a client can only hold a connection this long, with this much header:
     max_header_bytes: int = Field(16_384, ge=1024, description="Request line + headers; over it: 431 (or 414).")
@@ -69,15 +82,33 @@ class Settings(BaseSettings):
                                                             "end of the headers; then 408 and close.")
     body_timeout_s: float = Field(15.0, gt=0, description="From the end of the headers to the end of the body.")
     max_connections: int = Field(256, ge=1, description="Open connections; one more is answered 503 and closed.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    drain_grace_s: float = Field(10.0, ge=0)
+
+
+class AccessSettings(BaseSettings):
+    """Who may call it (keys), from where (CORS, Host), what is open without a key, and the audit log."""
+
+    model_config = _CONFIG
+
+    api_keys: SecretStr | None = None
+    api_keys_file: Path | None = None
+    allow_anonymous: bool = False
+    cors_origins: str = ""
     trusted_hosts: str = Field("", description="Comma-separated Host names (*.example.org allowed); "
                                                "empty: any Host. Others get 400.")
     # With API keys on: the schema pages and the metrics need a key too (probes /healthz, /readyz never do).
     protect_docs: bool = True
     protect_metrics: bool = True
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    drain_grace_s: float = Field(10.0, ge=0)
     audit_text: bool = False
     audit_log: Path | None = None
+
+
+class SafetySettings(BaseSettings):
+    """The notice on every answer and the red-flag triage."""
+
+    model_config = _CONFIG
+
     safety_notice: str = DEFAULT_SAFETY_NOTICE
     red_flags_path: Path | None = None
     # The learned backstop behind the red-flag rules (on/off): on blind sets it lifts emergency recall
@@ -85,7 +116,13 @@ class Settings(BaseSettings):
     triage_backstop: bool = True
     # Its weights file when on (default: the packaged safety/data/triage_backstop.json).
     triage_backstop_path: Path | None = None
-    served_model_name: str = "doctorglm"
+
+
+class Settings(ModelSettings, KnowledgeSettings, GenerationSettings, ServerSettings, AccessSettings, SafetySettings):
+    """All settings, read from DOCTORGLM_* variables (and .env): one object, grouped by concern in the
+    classes above; every field has a safe default and keeps its flat DOCTORGLM_<NAME> variable."""
+
+    model_config = _CONFIG
 
     @field_validator("model_path", "adapter_path", "api_keys_file", "audit_log", "red_flags_path",
                      "triage_backstop_path", "upstream_url", mode="before")
