@@ -33,6 +33,7 @@ from knowledge.text import (
     PatientCues,
     QueryTerms,
     clinical_rewrite,
+    cue_words,
     decayed,
     is_content,
     lay_terms,
@@ -231,10 +232,12 @@ class Retriever:
         """The library's symptom vocabulary: words at least `scan_min_df` symptom lists use."""
         if self._scan_vocab is None:
             s, model = self.settings, self.index.fields["symptoms"]
+            negation = cue_words()["negation"]
             ip = model.scores["indptr"]
             self._scan_vocab = frozenset(
                 t for t, i in model.vocab_dict.items()
-                if 2 <= len(t) <= s.scan_max_len and ip[i + 1] - ip[i] >= s.scan_min_df and is_content(t))
+                if 2 <= len(t) <= s.scan_max_len and ip[i + 1] - ip[i] >= s.scan_min_df and is_content(t)
+                and t not in negation)  # 没有 is in some symptom lists; in a complaint it is a negation
         return self._scan_vocab
 
     def _symptom_matcher(self) -> ahocorasick.Automaton:

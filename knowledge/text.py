@@ -231,6 +231,11 @@ def patient_cues(text: str, tokens: Iterable[str] = ()) -> PatientCues:
     return out
 
 
+_LIST_COLON = frozenset({":", "："})
+# A finding marked absent as records write it: 发热(-), 呕吐（－）, 皮疹(阴性).
+_ABSENT_MARK = re.compile(r"([^\s,，.。;；:：、()（）\[\]]{1,12})\s*[(（]\s*(?:[-−－]|阴性)\s*[)）]")
+
+
 @dataclass
 class QueryTerms:
     """Search terms of one text: kept terms, negated terms and the raw token stream."""
@@ -310,7 +315,7 @@ class TextProcessor:
 
     def query_terms(self, text: str) -> QueryTerms:
         """Content terms of a complaint, with negated ones (没有发烧, 不咳嗽, denies fever) set aside."""
-        text = normalise(text)
+        text = _ABSENT_MARK.sub(r"，无\1，", normalise(text))  # an EHR's "发热(-)" is "无发热"
         cues = cue_words()
         neg, breakers, joiners = cues["negation"], cues["negation_breakers"], cues["list_joiners"]
         out = QueryTerms()
@@ -325,10 +330,17 @@ class TextProcessor:
                 out.past.add(stream[i + 1])
             elif i + 2 < len(stream) and tok + stream[i + 1] in before:  # 得过 cut as 得|过
                 out.past.add(stream[i + 2])
-        negating, content_seen = False, 0
+        negating, content_seen, just_negated = False, 0, False
         for tok in stream:
             if tok in neg:
-                negating, content_seen = True, 0
+                negating, content_seen, just_negated = True, 0, True
+                continue
+            if just_negated and tok in _LIST_COLON:  # a record's "无：发热、呕吐" / "否认:" heads a list
+                just_negated = False
+                continue
+            just_negated = False
+            if negating and tok == "、":  # an enumeration: every item of the list is denied
+                content_seen = 0
                 continue
             if negating and (_PUNCT.fullmatch(tok) or tok in breakers) and tok not in joiners:
                 negating = False

@@ -109,3 +109,15 @@ def test_symptom_links_tie_prose_words_to_listed_variants() -> None:
     assert links.links("流涕", np.arange(6)) == ("流鼻涕",)
     assert SymptomLinks(lists).links("流涕", np.arange(2)) == ()  # too few documents to judge
     assert links.links("鼻塞", np.arange(6)) == ()  # a listed word needs no variant
+
+
+@pytest.mark.parametrize(("text", "denied", "present"), [
+    ("患儿症状：咳嗽、头痛；否认发烧、呕吐、腹泻、皮疹。", {"发烧", "呕吐", "腹泻", "皮疹"}, {"咳嗽", "头痛"}),
+    ("患儿症状：流鼻涕；无：发烧、咳嗽。", {"发烧", "咳嗽"}, {"流鼻涕"}),
+    ("咳嗽(+)，发烧(-)，呕吐（－），皮疹（阴性）", {"发烧", "呕吐", "皮疹"}, {"咳嗽"}),
+    ("没有发烧咳嗽流鼻涕头痛", {"发烧", "咳嗽", "流鼻涕"}, {"头痛"}),  # free text: a short list only
+])
+def test_record_style_negation(proc: TextProcessor, text: str, denied: set[str], present: set[str]) -> None:
+    qt = proc.query_terms(text)
+    assert denied <= set(qt.negated) and not denied & set(qt.terms)
+    assert present <= set(qt.terms)
