@@ -239,3 +239,26 @@ def test_real_server_streams_quantised(method: str, cache_dir: Path, default_mod
         assert done["usage"]["completion_tokens"] == 16 and done["finish_reason"] == "length"
     finally:
         server.stop()
+
+
+# ----- the GPU check's logic, on CPU -----
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path: Path) -> None:
+    import json
+
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--device", "cpu", "--small", "--tokens", "12"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check_cpu.json").read_text(encoding="utf-8"))
+    assert set(report["modes"]) == {"fp32", "int8", "int4"}
+    assert report["model"]["parameters"] > 1_000_000
+    sizes = [report["modes"][m]["weight_bytes"] for m in ("fp32", "int8", "int4")]
+    assert sizes[0] > sizes[1] > sizes[2]
+    for row in report["modes"].values():
+        for batch in (1, 8):
+            run = row[f"batch{batch}"]
+            assert run["batched_path"] and run["completion_tokens"] == 12 * batch and run["tokens_per_s"] > 0
+            assert 0 < run["ttft_s_max"] <= run["wall_s"]
+    assert (tmp_path / "gpu_check.log").is_file()
