@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 SHARED ?= ../shared/data
 
-.PHONY: serve test setup lint bench eval demo-model index clean
+.PHONY: serve test setup lint bench eval demo-model index clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -50,10 +50,15 @@ bench: $(STAMP)
 	$(PY) bench/triage.py
 	$(PY) bench/serving.py
 	$(PY) bench/training.py
+	$(PY) bench/quantization.py
 	$(PY) bench/convert_memory.py
 
 index: $(STAMP)
 	$(PY) -m knowledge build --library $${DOCTORGLM_KNOWLEDGE_PATH:-knowledge/data/sample_diseases.jsonl}
+
+# The wheels bench/gpu_check.sh installs offline on a GPU box (bench/gpu_wheels.txt → .cache/gpu-wheels).
+gpu-wheels: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu_check.sh --download
 
 demo-model: $(STAMP)
 	$(PY) -m training demo

@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model and save a directory the service loads (DOCTORGLM_MODEL_PATH).
 
-Quantise after merging, not before: on a GPU box serve the merged directory with DOCTORGLM_QUANTIZATION=int8
-or int4 (bitsandbytes, service/engine/loading.py), which reloads the merged fp16/bf16 weights quantised. LoRA
+Quantise after merging, not before: serve the merged directory with DOCTORGLM_QUANTIZATION=int8 or int4
+(llm/quantize.py, CPU or CUDA), which quantises the merged weights in place at load. LoRA
 on top of an already-INT4 model cannot be merged exactly, which is what tripped the original project.
 """
 
