@@ -6,11 +6,13 @@ One run, one server, ratios against baselines measured in the same run:
   count under the served tokenizer, capped by --max-tokens; min_new_tokens = that count, because the embedded
   model's random weights would otherwise end at random). Without ../shared, the project's sample dialogues.
   Requests go through HTTP/SSE (/chat/stream) with the prompt designer on, as a clinician's page sends them.
-- one at a time (sequential), then a closed loop of --clients clients, then open-loop Poisson arrivals at
-  several rates up to saturation (multiples of the sequential request rate), --requests requests per rate:
+- one at a time (sequential, before and after the rest: the baseline is their mean, because the machine is
+  shared and its load drifts), a closed loop of --clients clients, then open-loop Poisson arrivals at several
+  rates up to saturation (fractions of the closed loop's request rate), --requests requests per rate:
   output tokens/s, requests/s, TTFT p50/p99 and inter-token latency (gap between SSE deltas) p50/p99.
 - a peer: transformers' own continuous batching (ContinuousBatchingManager) on the same model and requests,
-  in process (no HTTP), against our engine in process on the same requests.
+  all at once, in process (no HTTP), against our engine in process on the same requests (batch 8, and as
+  many rows as requests, which is what the manager runs).
 - a decode step by part (cache, forward, sample, tokens, deliver) at batch 1 and batch 8, in process.
 - issue 13's row: a converted ChatGLM3 fixture (python -m training convert) served, 8 clients vs one at a time.
 
@@ -159,7 +161,7 @@ def engine_in_process(model_dir: Path, reqs: list[Request], batch_sizes: tuple[i
     from service.engine.types import GenerationRequest, SamplingParams
 
     loaded = load_model(model_dir)
-    engine = LocalEngine(loaded, max_batch_size=max(batch_sizes), max_queue=len(reqs) + 8, context_tokens=2048,
+    engine = LocalEngine(loaded, max_batch_size=len(reqs), max_queue=len(reqs) + 8, context_tokens=2048,
                          repetition_guard=False)
     engine.start()
 
@@ -176,6 +178,8 @@ def engine_in_process(model_dir: Path, reqs: list[Request], batch_sizes: tuple[i
     try:
         asyncio.run(run([("warm-up", 8)]))
         all_s = asyncio.run(run([(r.question, r.tokens) for r in reqs]))
+        engine.max_batch_size = 8  # the service's default
+        batch8_s = asyncio.run(run([(r.question, r.tokens) for r in reqs]))
         steps: dict[str, Any] = {}
         for batch in batch_sizes:
             engine.timings = StepTimings()
@@ -187,7 +191,8 @@ def engine_in_process(model_dir: Path, reqs: list[Request], batch_sizes: tuple[i
     finally:
         engine.stop()
     prompts = [build_prompt_ids(loaded.tokenizer, [], r.question, 2048) for r in reqs]
-    return {"all_at_once_tokens_per_s": sum(r.tokens for r in reqs) / all_s, "steps": steps,
+    return {"all_at_once_tokens_per_s": sum(r.tokens for r in reqs) / all_s,
+            "all_at_once_batch8_tokens_per_s": sum(r.tokens for r in reqs) / batch8_s, "steps": steps,
             "prompt_tokens_mean": statistics.mean(len(p) for p in prompts)}
 
 
@@ -297,7 +302,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests per open-loop rate (>= 64 for the issue)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128, help="cap on an answer's length")
-    parser.add_argument("--rates", default="1,2,4,8", help="open-loop rates, as multiples of the sequential rate")
+    parser.add_argument("--rates", default="0.25,0.5,0.75,1,1.25",
+                        help="open-loop rates, as fractions of the closed loop's request rate")
     parser.add_argument("--sequential", type=int, default=16, help="requests sent one at a time")
     parser.add_argument("--threads", default="1", help="torch intra-op threads (OMP_NUM_THREADS) everywhere")
     parser.add_argument("--skip-chatglm3", action="store_true")
@@ -325,31 +331,36 @@ def main() -> int:
                                                   "OMP_NUM_THREADS": args.threads})
     try:
         asyncio.run(sequential(server.url, reqs[:2]))  # warm-up
-        results["sequential"] = seq = asyncio.run(sequential(server.url, reqs[:args.sequential]))
+        results["sequential_before"] = seq = asyncio.run(sequential(server.url, reqs[:args.sequential]))
         print(f"one at a time: {seq['tokens_per_s']:.0f} tok/s, {seq['requests_per_s']:.2f} req/s, "
               f"TTFT p50 {seq['ttft_p50_ms']:.0f} ms, ITL p50 {seq['itl_p50_ms']:.1f} ms", flush=True)
         results["closed_loop"] = closed = asyncio.run(closed_loop(server.url, reqs[:args.requests], args.clients))
-        print(f"{args.clients} clients closed loop: {closed['tokens_per_s']:.0f} tok/s "
-              f"({closed['tokens_per_s'] / seq['tokens_per_s']:.2f}x), TTFT p99 {closed['ttft_p99_ms']:.0f} ms",
-              flush=True)
+        print(f"{args.clients} clients closed loop: {closed['tokens_per_s']:.0f} tok/s, "
+              f"{closed['requests_per_s']:.2f} req/s, TTFT p99 {closed['ttft_p99_ms']:.0f} ms", flush=True)
         results["open_loop"] = []
-        for multiple in (float(m) for m in args.rates.split(",")):
-            rate = multiple * seq["requests_per_s"]
-            row = {"rate": rate, "rate_vs_sequential": multiple,
+        for fraction in (float(m) for m in args.rates.split(",")):
+            rate = fraction * closed["requests_per_s"]
+            row = {"rate": rate, "rate_vs_closed_loop": fraction,
                    **asyncio.run(open_loop(server.url, reqs[:args.requests], rate))}
-            row["vs_sequential"] = row["tokens_per_s"] / seq["tokens_per_s"]
             results["open_loop"].append(row)
-            print(f"open loop {rate:.2f} req/s: {row['tokens_per_s']:.0f} tok/s ({row['vs_sequential']:.2f}x), "
+            print(f"open loop {rate:.2f} req/s: {row['tokens_per_s']:.0f} tok/s, "
                   f"TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms, "
                   f"ITL p50/p99 {row['itl_p50_ms']:.1f}/{row['itl_p99_ms']:.1f} ms", flush=True)
+        results["sequential_after"] = after = asyncio.run(sequential(server.url, reqs[:args.sequential]))
+        print(f"one at a time, again: {after['tokens_per_s']:.0f} tok/s", flush=True)
     finally:
         server.stop()
+    base = (seq["tokens_per_s"] + after["tokens_per_s"]) / 2
+    results["sequential"] = {**seq, "tokens_per_s": base}
+    for row in results["open_loop"]:
+        row["vs_sequential"] = row["tokens_per_s"] / base
     peer_reqs = reqs[:args.requests]
     results["engine_in_process"] = ours = engine_in_process(model_dir, peer_reqs, (1, 8))
     results["transformers_peer"] = peer = transformers_peer(model_dir, peer_reqs)
     b1, b8 = ours["steps"]["1"]["step_ms"], ours["steps"]["8"]["step_ms"]
-    print(f"in process, {len(peer_reqs)} requests at once: engine {ours['all_at_once_tokens_per_s']:.0f} tok/s, "
-          f"transformers continuous batching {peer['tokens_per_s']:.0f} tok/s", flush=True)
+    print(f"in process, {len(peer_reqs)} requests at once: engine {ours['all_at_once_tokens_per_s']:.0f} tok/s "
+          f"({ours['all_at_once_batch8_tokens_per_s']:.0f} at batch 8), transformers continuous batching "
+          f"{peer['tokens_per_s']:.0f} tok/s", flush=True)
     print(f"decode step: batch 1 {b1:.2f} ms, batch 8 {b8:.2f} ms ({b8 / b1:.2f}x); by part at 8: "
           + ", ".join(f"{k} {v:.2f}" for k, v in ours["steps"]["8"]["ms"].items()), flush=True)
     if not args.skip_chatglm3:
@@ -358,13 +369,19 @@ def main() -> int:
             print(f"{glm3['model']}: {args.clients} clients {glm3['concurrent']['tokens_per_s']:.0f} tok/s vs one at "
                   f"a time {glm3['sequential']['tokens_per_s']:.0f} ({glm3['concurrent_vs_sequential']:.2f}x)",
                   flush=True)
-    saturated = max(results["open_loop"], key=lambda r: r["tokens_per_s"])
+    # Past saturation an open loop's queue grows without bound (TTFT with it): the figure that counts is the
+    # best throughput at a rate the server still keeps up with (TTFT p99 within 1 s).
+    kept_up = [r for r in results["open_loop"] if r["ttft_p99_ms"] <= 1000] or results["open_loop"][:1]
+    saturated = max(kept_up, key=lambda r: r["tokens_per_s"])
     results["ratios"] = {
-        "closed_loop_vs_sequential": closed["tokens_per_s"] / seq["tokens_per_s"],
-        "open_loop_best_vs_sequential": saturated["vs_sequential"],
-        "open_loop_best_ttft_p99_ms": saturated["ttft_p99_ms"],
+        "closed_loop_vs_sequential": closed["tokens_per_s"] / base,
+        "open_loop_best_within_1s_ttft_p99_vs_sequential": saturated["vs_sequential"],
+        "open_loop_best_within_1s_ttft_p99_rate": saturated["rate"],
+        "open_loop_best_within_1s_ttft_p99_ms": saturated["ttft_p99_ms"],
+        "open_loop_max_vs_sequential": max(r["vs_sequential"] for r in results["open_loop"]),
         "step_batch8_vs_batch1": b8 / b1,
         "engine_vs_transformers_cb_in_process": ours["all_at_once_tokens_per_s"] / peer["tokens_per_s"],
+        "engine_batch8_vs_transformers_cb_in_process": ours["all_at_once_batch8_tokens_per_s"] / peer["tokens_per_s"],
     }
     results["load_average_end"] = os.getloadavg()
     out = ROOT / "bench" / "results"
@@ -374,10 +391,16 @@ def main() -> int:
     r = results["ratios"]
     print(f"{'goal':52} {'measured':>10}")
     print(f"{'closed loop 8 clients / one at a time (>= 3.5x)':52} {r['closed_loop_vs_sequential']:9.2f}x")
-    print(f"{'open loop at saturation / one at a time (>= 3.5x)':52} {r['open_loop_best_vs_sequential']:9.2f}x")
-    print(f"{'  its TTFT p99 (<= 1000 ms)':52} {r['open_loop_best_ttft_p99_ms']:8.0f}ms")
+    print(f"{'open loop, best rate with TTFT p99 <= 1 s / one at a time (>= 3.5x)':52} "
+          f"{r['open_loop_best_within_1s_ttft_p99_vs_sequential']:9.2f}x")
+    print(f"{'  at (req/s) / its TTFT p99 (ms)':52} {r['open_loop_best_within_1s_ttft_p99_rate']:9.2f} / "
+          f"{r['open_loop_best_within_1s_ttft_p99_ms']:.0f}")
+    print(f"{'open loop, any rate / one at a time':52} {r['open_loop_max_vs_sequential']:9.2f}x")
     print(f"{'decode step batch 8 / batch 1 (<= 1.5x)':52} {r['step_batch8_vs_batch1']:9.2f}x")
-    print(f"{'engine / transformers continuous batching':52} {r['engine_vs_transformers_cb_in_process']:9.2f}x")
+    print(f"{'engine / transformers continuous batching (same rows)':52} "
+          f"{r['engine_vs_transformers_cb_in_process']:9.2f}x")
+    print(f"{'engine at batch 8 / transformers continuous batching':52} "
+          f"{r['engine_batch8_vs_transformers_cb_in_process']:9.2f}x")
     print(f"load average at start / end: {results['load_average_start'][0]:.1f} / {results['load_average_end'][0]:.1f}"
           " (the machine is shared)")
     print(f"wrote {out / 'serving.json'} and {out / 'serving.png'}")
