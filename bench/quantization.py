@@ -2,6 +2,7 @@
 
     python bench/quantization.py [--train-steps 150] [--tokens 64]      # CPU, writes bench/results/quantization.*
     python bench/quantization.py gpu-check --device cuda [--small] [--out DIR]   # bench/gpu_check.sh runs this
+    PYTHONPATH=/tmp/qlibs python bench/quantization.py libraries   # the candidate libraries, where importable
 
 Models: the embedded default (random weights unless `make demo-model` ran), the same model briefly
 trained in this run on dialogue text (random weights give near-flat logits, which makes argmax
@@ -264,6 +265,68 @@ def cpu_bench(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+# ----- the candidate libraries (why llm/quantize.py is our own; docs/engine.md) -----
+
+
+def _library_variant(name: str, model: Any) -> Any:
+    """The default model quantised by one candidate library, the way its documentation says."""
+    if name.startswith("bitsandbytes"):
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        config = (BitsAndBytesConfig(load_in_8bit=True) if name.endswith("int8") else
+                  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                     bnb_4bit_compute_dtype=torch.float32))
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=config, device_map="cpu",
+                                                        dtype=torch.float32)
+    model = copy.deepcopy(model)
+    if name.startswith("torchao"):
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig() if name.endswith("int8") else Int4WeightOnlyConfig(group_size=32))
+    elif name.startswith("quanto"):
+        from optimum.quanto import freeze, qint4, qint8, quantize
+
+        quantize(model, weights=qint8 if name.endswith("int8") else qint4)
+        freeze(model)
+    elif name.startswith("hqq"):
+        from hqq.core.quantize import BaseQuantizeConfig
+        from hqq.models.hf.base import AutoHQQHFModel
+
+        AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=8 if name.endswith("int8") else 4,
+                                      group_size=64), compute_dtype=torch.float32, device="cpu")
+    else:
+        model = quantize_merged(model, name.rsplit("-", 1)[1])
+    return model
+
+
+def libraries(args: argparse.Namespace) -> None:
+    """Each candidate on the default model, fp32 CPU, under torch.inference_mode as the engine runs it."""
+    default_dir = ensure_default_model(ROOT / ".cache", progress=False)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_dir)
+    texts, _ = dialogue_texts()
+    model = float_model(default_dir)
+    rows = token_rows(tokenizer, texts, 64, 8)
+    prompt = token_rows(tokenizer, texts, 16, 8, offset=50)
+    report: dict[str, Any] = {"model": default_dir.name, "device": "cpu", "torch": torch.__version__, "rows": {}}
+    float_rates = {b: decode_rate(model, prompt[:b], 16) for b in (1, 8)}
+    for name in [f"{lib}-{m}" for lib in ("llm.quantize", "bitsandbytes", "torchao", "quanto", "hqq") for m in METHODS]:
+        try:
+            variant = _library_variant(name, model)
+            with torch.inference_mode():
+                row = {"weight_bytes": weight_bytes(variant), **top1_agreement(model, variant, rows)}
+                for b in (1, 8):
+                    row[f"batch{b}_vs_fp32"] = decode_rate(variant, prompt[:b], 16) / float_rates[b]
+        except Exception as exc:  # noqa: BLE001 - a failure is the finding
+            row = {"failed": f"{type(exc).__name__}: {str(exc)[:160]}"}
+        report["rows"][name] = row
+        print(name, json.dumps(row), flush=True)
+    (RESULTS / "quantization_libraries.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
 # ----- the GPU check (bench/gpu_check.sh) -----
 
 
@@ -402,10 +465,13 @@ def main() -> None:
     check.add_argument("--small", action="store_true", help="a few-million-parameter model (CPU test of the logic)")
     check.add_argument("--tokens", type=int, default=128)
     check.add_argument("--out", default=None, help="a folder (default $OUT, else bench/results)")
+    sub.add_parser("libraries", help="bitsandbytes, torchao, optimum-quanto, hqq and llm.quantize on the default")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
     if args.command == "gpu-check":
         gpu_check(args)
+    elif args.command == "libraries":
+        libraries(args)
     else:
         cpu_bench(args)
 

@@ -150,6 +150,24 @@ def test_converted_chatglm_families_quantise(family: str, method: str, tmp_path_
     assert LocalEngine(quantised, context_tokens=256).batched
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_glm4_hf_layout_quantises(default_model_dir: Path, tmp_path: Path, method: str) -> None:
+    from transformers import Glm4Config, Glm4ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    config = Glm4Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(5)
+    Glm4ForCausalLM(config).save_pretrained(tmp_path / "glm4")
+    tokenizer.save_pretrained(tmp_path / "glm4")
+    plain = load_model(tmp_path / "glm4", device="cpu")
+    quantised = load_model(tmp_path / "glm4", device="cpu", quantization=method)
+    ids = torch.tensor([plain.tokenizer.encode("胸闷气短，夜里加重")])
+    assert cosine(logits(quantised.model, ids), logits(plain.model, ids)) >= (0.999 if method == "int8" else 0.95)
+    assert LocalEngine(quantised, context_tokens=256).batched
+
+
 # ----- the order: merge, then quantise -----
 
 
