@@ -107,6 +107,13 @@ EVAL_SETS = (
         "26 ordinary adult complaints told at length and 10 emergencies, written after bs4; first run: rules only "
         "90.0% / 0%, rules+backstop 100% / 0% (with and without the function-character change); never tuned on",
     ),
+    EvalSet(
+        DATA_DIR / "triage_probe10_short.jsonl",
+        "blind",
+        "79 short benign chief complaints (1-6 characters, lay and clinical words, none of issue 17's eleven) and "
+        "33 short emergencies, written before the backstop's minimum-evidence rule; first run (rules 2025.06-8, "
+        "bs4): rules only 93.9% / 0%, rules+backstop 100% / 7.6% (6/79); never tuned on",
+    ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.
 DEFAULT_SETS = tuple(s.path for s in EVAL_SETS)
