@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rules version {triage.version}: {len(triage.rule_ids)} rules")
     bs = combined.backstop
     assert bs is not None
-    state = "ENABLED" if triage.backstop is not None else "disabled by default (setting DOCTORGLM_TRIAGE_BACKSTOP=1)"
-    print(f"learned backstop {bs.version}, threshold {bs.threshold:.3f}, rule id 'backstop': {state}")
+    state = "ENABLED" if triage.backstop is not None else "disabled"
+    print(
+        f"learned backstop {bs.version}, threshold {bs.threshold:.3f}, minimum evidence {bs.min_evidence} content "
+        f"words (or a severity/onset cue), rule id 'backstop': {state}"
+    )
     print("per-set details: the serving configuration; summary: rules only | rules+backstop")
     sets = [EvalSet(p, "custom") for p in args.data] if args.data else [s for s in EVAL_SETS if s.path.is_file()]
     summary: list[str] = []

@@ -19,13 +19,21 @@ Features (per patient turn, then the union over the turns of a request):
 
 Scoring is a dictionary lookup per feature: binary features, L2-normalised over the features the
 model knows, ``p = sigmoid(bias + sum(w) / sqrt(n))``. The weights file is plain JSON (format 1).
+
+Minimum evidence: with a handful of features the normalisation lets one weight decide (头晕 alone is
+``c:hemodynamic`` and two characters), so the backstop scored one-word chief complaints at random.
+``min_evidence`` (chosen by training: the fewest content words of any emergency the backstop alone
+found out of fold on the tuned sets) is the least evidence at which Triage consults it; below it only
+an explicit severity/onset cue lets it judge. Content words (:func:`evidence_units`): CJK characters
+other than grammatical ones, and English words other than function words. (Counting English words
+twice, as a symptom takes two characters and one or two words, was tried: out-of-fold false alarms
+on the tuned sets 4.0% against 3.7% at the same recall, so each counts once.)
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,12 +41,10 @@ from pathlib import Path
 
 DEFAULT_BACKSTOP_PATH = Path(__file__).resolve().parent / "data" / "triage_backstop.json"
 BACKSTOP_RULE_ID = "backstop"
-# Whether Triage.from_file() loads the packaged backstop when neither its argument nor the
-# environment says otherwise (the service turns it on explicitly). Backstop bs2 on blind probe7:
-# recall 75.0% (rules only) -> 98.2%, false alarms 0/34; see docs/safety.md.
-BACKSTOP_ENABLED_BY_DEFAULT = True  # blind sets: recall 72% -> 98% at <= 6% false alarms (docs/safety.md)
-# The setting: "1"/"true"/"on" = the packaged backstop, "0"/"false"/"off" = rules only, else a weights path.
-BACKSTOP_ENV = "DOCTORGLM_TRIAGE_BACKSTOP"
+# Whether Triage.from_file() loads the packaged backstop when its argument does not say (the
+# service passes its settings, DOCTORGLM_TRIAGE_BACKSTOP / _PATH, explicitly; nothing here reads the
+# environment). Blind sets: recall 72% -> 98% at <= 6% false alarms (docs/safety.md).
+BACKSTOP_ENABLED_BY_DEFAULT = True
 FORMAT = 1
 
 _CJK_RUN = re.compile(r"[\u3400-\u9fff]+")
@@ -47,6 +53,16 @@ _PHRASE = re.compile(r"[^,;!?:\n。.、()\[\]\"]+")
 # Grammatical characters say nothing alone (都, 了, 的); as unigrams they only let a long complaint's
 # length tip the score. They stay inside 2- and 3-grams.
 _FUNCTION_CHARS = frozenset("的了都是在有我也就还很吗呢吧啊呀着过把被给让和与及或而但又再才那这个得地之")
+# English function words carry no evidence of their own ("i", "my", "the"), like 的/了 above.
+_EN_FUNCTION_WORDS = frozenset(
+    (
+        "a", "an", "the", "and", "or", "but", "of", "to", "in", "on", "at", "for", "with", "from", "by", "is",
+        "are", "am", "was", "were", "be", "been", "being", "i", "me", "my", "mine", "you", "your", "he", "him",
+        "his", "she", "her", "it", "its", "we", "our", "they", "them", "their", "this", "that", "these", "those",
+        "do", "does", "did", "have", "has", "had", "so", "as", "if", "than", "then", "there", "here",
+    )
+)
+_CONTENT_CJK = re.compile(r"[\u3400-\u9fff]")
 _CHRONIC = re.compile(
     r"(?:好几|几|多|\d+|[一二两三四五六七八九十半]+)\s*(?:年|个多月|个月|多月|周|星期|礼拜)(?:了|以来|来|多了)"
     r"|[了有](?:好几|几|\d+|[一二两三四五六七八九十半]+)\s*(?:年|个多月|个月|多月|周|星期|礼拜)"
@@ -109,6 +125,15 @@ def turn_features(s: str, negated: bytearray | bytes) -> frozenset[str]:
     return frozenset(out)
 
 
+def evidence_units(turns: Sequence[TurnScan]) -> int:
+    """Content words over the turns: CJK characters other than grammatical ones, other English words."""
+    n = 0
+    for t in turns:
+        n += sum(1 for ch in _CONTENT_CJK.findall(t.s) if ch not in _FUNCTION_CHARS)
+        n += sum(1 for w in _WORD.findall(t.s) if w not in _EN_FUNCTION_WORDS)
+    return n
+
+
 def request_features(
     turns: Sequence[TurnScan],
     state: Mapping[str, bool],
@@ -130,6 +155,7 @@ class Backstop:
     bias: float
     weights: Mapping[str, float]
     source: str = ""
+    min_evidence: int = 0  # fewer content words (and no severity cue): the backstop is not consulted
 
     def probability(self, features: Iterable[str]) -> float:
         w = self.weights
@@ -147,6 +173,7 @@ class Backstop:
             "format": FORMAT,
             "version": self.version,
             "threshold": self.threshold,
+            "min_evidence": self.min_evidence,
             "bias": self.bias,
             "meta": dict(meta or {}),
             "weights": dict(sorted(self.weights.items())),
@@ -155,11 +182,13 @@ class Backstop:
 
 
 def backstop_setting(value: Path | str | bool | None) -> Path | None:
-    """Resolve the backstop setting to a weights file, or None for rules only."""
+    """Resolve the backstop argument to a weights file, or None for rules only.
+
+    True = the packaged weights, False = rules only, a path = that weights file, None = the default
+    (``BACKSTOP_ENABLED_BY_DEFAULT``). A string is always a path: on/off is a bool, typed by the caller.
+    """
     if value is None:
-        value = os.environ.get(BACKSTOP_ENV, "").strip() or BACKSTOP_ENABLED_BY_DEFAULT
-    if isinstance(value, str) and value.lower() in ("1", "true", "on", "yes", "0", "false", "off", "no"):
-        value = value.lower() in ("1", "true", "on", "yes")
+        value = BACKSTOP_ENABLED_BY_DEFAULT
     if value is True:
         return DEFAULT_BACKSTOP_PATH
     if value is False:
@@ -192,13 +221,23 @@ def load_backstop(path: Path | str) -> Backstop:
         raise fail('"threshold" must be a number in (0, 1]')
     if not _is_number(bias):
         raise fail('"bias" must be a finite number')
+    min_evidence = data.get("min_evidence", 0)
+    if not isinstance(min_evidence, int) or isinstance(min_evidence, bool) or not 0 <= min_evidence <= 1000:
+        raise fail('"min_evidence" must be an integer between 0 and 1000')
     weights = data.get("weights")
     if not isinstance(weights, dict) or not weights:
         raise fail('"weights" must be a non-empty object of feature -> number')
     for k, v in weights.items():
         if not k or not _is_number(v):
             raise fail(f"weight {k!r} must be a finite number")
-    return Backstop(version=version, threshold=float(threshold), bias=float(bias), weights=weights, source=str(path))
+    return Backstop(
+        version=version,
+        threshold=float(threshold),
+        bias=float(bias),
+        weights=weights,
+        source=str(path),
+        min_evidence=min_evidence,
+    )
 
 
 def _is_number(v: object) -> bool:

@@ -7,10 +7,17 @@ Format (see the "_doc" entry in the packaged file):
 
 - "version": a non-empty string, reported with every assessment for audit.
 - "modifiers": cue lists (zh / en) for negation, scope breaks, remote history, hypotheticals...
-- "concepts": name -> {"zh": [...], "en": [...], "exclude": [...], "unless": [...], "diagnosis": bool}.
+- "concepts": name -> {"zh": [...], "en": [...], "exclude": [...], "unless": [...], "diagnosis": bool,
+  "severity_cue": bool, "age_months_below": number}.
   Terms are regular expressions matched against NFKC-normalised, lower-cased text. English terms
   may not start inside a word. ``{gapN}`` stands for up to N characters without punctuation or a
   Chinese negation character, for patterns such as ``胸{gap3}痛`` (胸口很痛, but not 胸口不痛).
+  "exclude" drops a match that overlaps one of its patterns (which may span the words next to the
+  match); "unless" drops a match whose clause contains one of its patterns, and each of those must
+  need at least two characters (one common character would silence an emergency in any clause).
+  "severity_cue" marks explicit severity/onset words, the only ones that let the learned backstop
+  flag a complaint too short for it to judge; "age_months_below" gives the concept to a patient
+  whose structured age (months) is below it.
 - "rules": [{"id", "description": {zh, en}, "when": [[group, ...], ...], "advice": {zh, en},
   "suspects": [...]}]. A rule fires when every group of any one alternative in "when" is satisfied; a
   group is a concept name or several joined by "|" (any of them). "suspects" (optional) names the
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import re._parser as re_parser  # the stdlib's own pattern parser: the minimum width of a suppressor
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +65,10 @@ class Concept:
     zh: re.Pattern[str] | None  # the Chinese terms alone (run only on text with CJK characters)
     en: re.Pattern[str] | None  # the English terms alone (run only on text with Latin letters)
     exclude: re.Pattern[str] | None  # drops a match that overlaps one of these
-    unless: re.Pattern[str] | None  # drops a match whose sentence contains one of these
+    unless: re.Pattern[str] | None  # drops a match whose clause contains one of these
     diagnosis: bool  # a disease name: ignored when the clause is speculative ("会不会是中风")
+    severity_cue: bool = False  # explicit severity/onset words (突然, 剧烈): see Triage.assess
+    age_months_below: float | None = None  # a structured age under this gives the concept
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +180,24 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
             raise fail(f"{where} has no terms")
         exclude = _list(entry.get("exclude", []), f"{where}.exclude", fail)
         unless = _list(entry.get("unless", []), f"{where}.unless", fail)
+        unless_pattern = _compile(unless, [], f"{where}.unless", fail) if unless else None
+        for term in unless:
+            if _min_width(term) < 2:
+                raise fail(
+                    f"{where}.unless: {term!r} can match a single character; a suppressor needs at least two "
+                    "(one common character would silence an emergency in any clause that has it)"
+                )
         diagnosis = entry.get("diagnosis", False)
         if not isinstance(diagnosis, bool):
             raise fail(f"{where}.diagnosis must be true or false")
+        severity_cue = entry.get("severity_cue", False)
+        if not isinstance(severity_cue, bool):
+            raise fail(f"{where}.severity_cue must be true or false")
+        age_below = entry.get("age_months_below")
+        if age_below is not None and (
+            not isinstance(age_below, int | float) or isinstance(age_below, bool) or not 0 < age_below <= 1200
+        ):
+            raise fail(f"{where}.age_months_below must be a number of months in (0, 1200]")
         split = compile_split(zh, en, where, fail)
         concepts.append(
             Concept(
@@ -181,8 +206,10 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
                 zh=split[0],
                 en=split[1],
                 exclude=_compile(exclude, [], f"{where}.exclude", fail) if exclude else None,
-                unless=_compile(unless, [], f"{where}.unless", fail) if unless else None,
+                unless=unless_pattern,
                 diagnosis=diagnosis,
+                severity_cue=severity_cue,
+                age_months_below=float(age_below) if age_below is not None else None,
             )
         )
 
@@ -273,6 +300,11 @@ def _texts(value: Any, where: str, fail: Any) -> dict[str, str]:
             raise fail(f"{where} needs a non-empty {lang!r} text")
         out[lang] = text.strip()
     return out
+
+
+def _min_width(term: str) -> int:
+    """The fewest characters a (compiled, valid) term can match."""
+    return int(re_parser.parse(_expand(term)).getwidth()[0])
 
 
 def _expand(term: str) -> str:

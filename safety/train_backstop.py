@@ -6,6 +6,12 @@ threshold by stratified 5-fold cross-validation, and writes safety/data/triage_b
 Threshold: the lowest probability at which rules OR backstop, scored out-of-fold, keep false alarms
 on the tuned non-emergencies at or below ``TARGET_FALSE_ALARMS`` (half the 10% goal: blind sets
 have always scored worse than tuned ones, so the margin is deliberate).
+
+Minimum evidence: the fewest content words (``Triage.evidence``) of any tuned emergency that the
+backstop alone found out of fold at that threshold. Below it the backstop has never been right on
+the tuned sets, only wrong (one-word chief complaints: 头晕, 发烧); Triage then lets it judge only a
+complaint with an explicit severity/onset cue. Chosen after the threshold, so it removes no
+out-of-fold true positive by construction.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class Data:
     feats: list[frozenset[str]]
     y: np.ndarray
     rules: np.ndarray  # did the rules flag the case
+    evidence: np.ndarray  # content words of the case (Triage.evidence)
+    cue: np.ndarray  # does it hold an affirmed severity/onset cue
 
 
 def load_training(triage: Triage, sets: Sequence[Path] | None = None) -> Data:
@@ -48,7 +56,10 @@ def load_training(triage: Triage, sets: Sequence[Path] | None = None) -> Data:
     feats = [triage.features(c.text, c.history) for c in cases]
     y = np.array([c.emergency for c in cases], dtype=float)
     rules = np.array([triage.assess(c.text, c.history).is_emergency for c in cases], dtype=bool)
-    return Data(names, cases, feats, y, rules)
+    ev = [triage.evidence(c.text, c.history) for c in cases]
+    evidence = np.array([e for e, _ in ev], dtype=int)
+    cue = np.array([c for _, c in ev], dtype=bool)
+    return Data(names, cases, feats, y, rules, evidence, cue)
 
 
 def fit(feats: Sequence[frozenset[str]], y: np.ndarray, lam: float, version: str = "") -> Backstop:
@@ -110,10 +121,21 @@ def choose_threshold(probs: np.ndarray, data: Data, target: float = TARGET_FALSE
     return float(np.nextafter(candidates[allowed], 1.0))
 
 
-def metrics(flag: np.ndarray, y: np.ndarray) -> dict[str, float]:
+def choose_min_evidence(probs: np.ndarray, thr: float, data: Data) -> int:
+    """The fewest content words of a tuned emergency that only the backstop found (out of fold)."""
+    found = (probs >= thr) & ~data.rules & (data.y == 1) & ~data.cue
+    return int(data.evidence[found].min()) if found.any() else 0
+
+
+def gated(probs: np.ndarray, thr: float, min_evidence: int, data: Data) -> np.ndarray:
+    """Backstop flags as Triage applies them: enough evidence, or a severity/onset cue."""
+    return (probs >= thr) & ((data.evidence >= min_evidence) | data.cue)
+
+
+def metrics(flag: np.ndarray, y: np.ndarray) -> dict[str, float | int | None]:
     pos, neg = y == 1, y == 0
     return {
-        "recall": round(float(flag[pos].mean()), 4),
+        "recall": round(float(flag[pos].mean()), 4) if pos.any() else None,
         "false_alarms": round(float(flag[neg].mean()), 4),
         "tp": int(flag[pos].sum()),
         "positives": int(pos.sum()),
@@ -139,8 +161,18 @@ def train(out: Path = DEFAULT_BACKSTOP_PATH, log=print) -> Backstop:  # noqa: AN
             best = (key, lam, probs, thr, alone, both)
     assert best is not None
     _, lam, probs, thr, alone, both = best
+    min_evidence = choose_min_evidence(probs, thr, data)
+    gated_oof = gated(probs, thr, min_evidence, data)
+    short_neg = (data.evidence < min_evidence) & (data.y == 0)
+    gate_meta = {
+        "min_evidence": min_evidence,
+        "rules_plus_backstop": metrics(data.rules | gated_oof, data.y),
+        "negatives_below_min_evidence": int(short_neg.sum()),
+        "their_false_alarms_ungated": int((short_neg & ~data.rules & (probs >= thr)).sum()),
+    }
+    log(f"  minimum evidence {min_evidence} content words: 5-fold {gate_meta}")
     groups = np.array([sorted(set(data.names)).index(n) for n in data.names])
-    lso = oof_probabilities(data, lam, groups) >= thr
+    lso = gated(oof_probabilities(data, lam, groups), thr, min_evidence, data)
     per_set = {
         name: {
             "backstop_alone": metrics(lso[groups == g], data.y[groups == g]),
@@ -150,8 +182,14 @@ def train(out: Path = DEFAULT_BACKSTOP_PATH, log=print) -> Backstop:  # noqa: AN
     }
     log(f"  leave-one-set-out at threshold {thr:.4f}: {per_set}")
     rules_version = triage.version
-    model = fit(data.feats, data.y, lam, version=f"{rules_version}+bs4")
-    model = Backstop(version=model.version, threshold=round(thr, 6), bias=model.bias, weights=model.weights)
+    model = fit(data.feats, data.y, lam, version=f"{rules_version}+bs5")
+    model = Backstop(
+        version=model.version,
+        threshold=round(thr, 6),
+        bias=model.bias,
+        weights=model.weights,
+        min_evidence=min_evidence,
+    )
     meta = {
         "trained_by": "python -m safety train-backstop",
         "rules_version": rules_version,
@@ -163,6 +201,7 @@ def train(out: Path = DEFAULT_BACKSTOP_PATH, log=print) -> Backstop:  # noqa: AN
         "min_df": MIN_DF,
         "target_false_alarms": TARGET_FALSE_ALARMS,
         "cv_5fold": {"backstop_alone": alone, "rules_plus_backstop": both, "rules_alone": metrics(data.rules, data.y)},
+        "cv_5fold_min_evidence": gate_meta,
         "cv_leave_one_set_out": per_set,
     }
     out.write_text(model.to_json(meta), encoding="utf-8")

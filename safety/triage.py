@@ -18,10 +18,18 @@ Pure and deterministic: no model, no I/O after loading the rule file. The algori
    resolved (昨天抽搐过，现在好了) is NOT a negation: transient chest pain, a first seizure, a
    faint or a TIA are emergencies in themselves.
 4. A rule fires when all concept groups of one of its alternatives are affirmed.
+5. Only when no rule fires, the learned backstop (safety/backstop.py) may flag the request, and only
+   when the request holds enough evidence for it to judge (its ``min_evidence`` content words) or an
+   explicit severity/onset cue (a ``severity_cue`` concept: 突然, 剧烈): a one-word chief complaint
+   (发烧, 头晕) gives a lexical model too little to go on, and its score there is noise.
+
+Structured patient facts (from an EHR: ``age_months``, ``symptoms``, ``negated_symptoms``) are read
+before the turns, as the oldest evidence: see :meth:`Triage.assess`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from bisect import bisect_right
@@ -37,8 +45,10 @@ from safety.backstop import (
     Mention,
     TurnScan,
     backstop_setting,
+    evidence_units,
     load_backstop,
     request_features,
+    turn_features,
 )
 from safety.language import Language, detect_language
 from safety.rules import Concept, RuleSet, load_ruleset
@@ -74,13 +84,29 @@ class SafetyAssessment:
     prompt_note: str = ""
     lang: Language = "zh"
     suspects: list[str] = field(default_factory=list)  # conditions the fired rules are about
+    # The structured patient facts the assessment read (age_months, symptoms, negated_symptoms);
+    # empty when none were given.
+    patient: dict[str, object] = field(default_factory=dict)
 
     @property
     def is_emergency(self) -> bool:
         return self.level == "emergency"
 
     def to_dict(self) -> dict[str, object]:
-        return {"level": self.level, "rules": list(self.rule_ids), "advice": self.advice}
+        out: dict[str, object] = {"level": self.level, "rules": list(self.rule_ids), "advice": self.advice}
+        if self.patient:
+            out["patient"] = dict(self.patient)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    """What one request says: the scanned turns, the final state of every concept, the facts used."""
+
+    turns: list[TurnScan]
+    state: dict[str, bool]
+    denied: list[TurnScan]  # negated_symptoms: read as denials, never as findings
+    patient: dict[str, object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +126,7 @@ class Triage:
         # scan makes history nearly free. cache_size=0 disables it (the benchmark does).
         self._scan = lru_cache(maxsize=cache_size)(self._scan_turn) if cache_size > 0 else self._scan_turn
         self._backstop = backstop
+        self._severity_cues = frozenset(c.name for c in ruleset.concepts if c.severity_cue)
 
     @classmethod
     def from_file(
@@ -107,15 +134,19 @@ class Triage:
         path: Path | str | None = None,
         cache_size: int = 4096,
         backstop: Path | str | bool | None = None,
+        backstop_path: Path | str | None = None,
     ) -> Triage:
         """Load rules from ``path`` (default: the packaged red_flags.json); ValueError if malformed.
 
-        ``backstop``: True = the packaged learned backstop (safety/data/triage_backstop.json),
-        False = rules only, a path = that weights file, None = the ``DOCTORGLM_TRIAGE_BACKSTOP``
-        environment setting (1/0/a path), else ``BACKSTOP_ENABLED_BY_DEFAULT`` (on).
+        ``backstop``: True = the learned backstop, False = rules only, a path = that weights file,
+        None = ``BACKSTOP_ENABLED_BY_DEFAULT`` (on). ``backstop_path``: the weights file when it is on
+        (default: the packaged safety/data/triage_backstop.json). Nothing here reads the environment:
+        the service passes its settings (DOCTORGLM_TRIAGE_BACKSTOP, DOCTORGLM_TRIAGE_BACKSTOP_PATH).
         """
         ruleset = load_ruleset(Path(path) if path is not None else DEFAULT_RULES_PATH)
         weights = backstop_setting(backstop)
+        if weights is not None and backstop_path is not None:
+            weights = Path(backstop_path)
         model = load_backstop(weights) if weights is not None else None
         return cls(ruleset, cache_size=cache_size, backstop=model)
 
@@ -131,19 +162,43 @@ class Triage:
     def rule_ids(self) -> list[str]:
         return [r.id for r in self._rs.rules]
 
-    def assess(self, question: str, history: Sequence[str] = ()) -> SafetyAssessment:
-        """Assess the question plus earlier *patient* turns (oldest first)."""
-        state: dict[str, bool] = {}
-        turns = [self._scan(turn) for turn in (*history, question)]
-        for scan in turns:
-            for mention in scan.mentions:
-                state[mention.concept] = mention.affirmed
+    def assess(
+        self,
+        question: str,
+        history: Sequence[str] = (),
+        *,
+        age_months: float | None = None,
+        sex: str | None = None,
+        symptoms: Sequence[str] | None = (),
+        negated_symptoms: Sequence[str] | None = (),
+    ) -> SafetyAssessment:
+        """Assess the question plus earlier *patient* turns (oldest first) and structured patient facts.
+
+        The keyword-only facts are plain values, e.g. from an EHR record (all optional):
+
+        - ``age_months``: the patient's age in months (a number, ``>= 0``). Every concept whose
+          ``age_months_below`` in the rule file is above it counts as present, as if the text said
+          so: a fever at 1.5 months is an infant emergency without 新生儿 in the text.
+        - ``sex``: accepted and checked (a string), but no rule uses it: a message may describe
+          someone else (我老婆怀孕了…), and a sex-based exclusion would miss that emergency.
+        - ``symptoms``: findings, each assessed as if the patient had written it in its own turn
+          (``["胸痛", "大汗"]`` fires the cardiac rule; an item's own negation, 无发热, still counts).
+        - ``negated_symptoms``: denied findings; every concept they mention is recorded as denied,
+          so they never fire a rule (and reach the backstop only as denials: negated n-grams and states).
+
+        Facts are read before the turns, as the oldest evidence: denials first, then symptoms, then
+        history and question, and the last mention of a concept wins, so a patient saying 现在又胸痛了
+        outweighs a record that denies chest pain. ``SafetyAssessment.patient`` says which facts were
+        read. ValueError for a fact of the wrong type or a negative / non-finite age.
+        """
+        reading = self._read(question, history, age_months, sex, symptoms, negated_symptoms)
+        state = reading.state
         present = {name for name, affirmed in state.items() if affirmed}
-        lang = detect_language(question if question.strip() else " ".join(history))
+        fallback = " ".join((*history, *(symptoms or ())))
+        lang = detect_language(question if question.strip() else fallback)
         fired = [r for r in self._rs.rules if r.matches(present)] if present else []
         if not fired:
-            bs = self._backstop
-            if bs is not None and bs.probability(request_features(turns, state, self._negation_scope)) >= bs.threshold:
+            if self._backstop_flags(reading, present):
                 ge = self._rs.general_emergency
                 return SafetyAssessment(
                     level="emergency",
@@ -151,8 +206,9 @@ class Triage:
                     advice=ge.advice[lang],
                     prompt_note=self._rs.prompt_note[lang].format(conditions=ge.description[lang]),
                     lang=lang,
+                    patient=reading.patient,
                 )
-            return SafetyAssessment(level="none", lang=lang)
+            return SafetyAssessment(level="none", lang=lang, patient=reading.patient)
         advice = "\n".join(dict.fromkeys(r.advice[lang] for r in fired))
         sep = "、" if lang == "zh" else "; "
         conditions = sep.join(r.description[lang] for r in fired)
@@ -163,7 +219,65 @@ class Triage:
             prompt_note=self._rs.prompt_note[lang].format(conditions=conditions),
             lang=lang,
             suspects=list(dict.fromkeys(name for r in fired for name in r.suspects)),
+            patient=reading.patient,
         )
+
+    def _backstop_flags(self, reading: _Reading, present: set[str]) -> bool:
+        bs = self._backstop
+        if bs is None:
+            return False
+        # Minimum evidence: too few content words for the lexical model to judge, and no explicit
+        # severity/onset word either -> the rules alone decide (a one-word 发烧 is not a 120 call).
+        short = bs.min_evidence > 0 and evidence_units(reading.turns) < bs.min_evidence
+        if short and not self._severity_cues & present:
+            return False
+        return bs.probability(self._request_features(reading)) >= bs.threshold
+
+    def _request_features(self, reading: _Reading) -> frozenset[str]:
+        feats = request_features(reading.turns, reading.state, self._negation_scope)
+        if not reading.denied:
+            return feats
+        # A denied finding reads as 没有<finding>: every one of its n-grams is negated.
+        extra = [turn_features(d.s, b"\x01" * len(d.s)) for d in reading.denied]
+        return feats.union(*extra)
+
+    def _read(
+        self,
+        question: str,
+        history: Sequence[str],
+        age_months: float | None,
+        sex: str | None,
+        symptoms: Sequence[str] | None,
+        negated_symptoms: Sequence[str] | None,
+    ) -> _Reading:
+        symptoms = _text_list(symptoms, "symptoms")
+        negated = _text_list(negated_symptoms, "negated_symptoms")
+        if sex is not None and not isinstance(sex, str):
+            raise ValueError("sex must be a string or None")
+        state: dict[str, bool] = {}
+        patient: dict[str, object] = {}
+        if age_months is not None:
+            if isinstance(age_months, bool) or not isinstance(age_months, int | float) or not (
+                math.isfinite(age_months) and age_months >= 0
+            ):
+                raise ValueError("age_months must be a finite number of months >= 0")
+            patient["age_months"] = float(age_months)
+            for c in self._rs.concepts:
+                if c.age_months_below is not None and age_months < c.age_months_below:
+                    state[c.name] = True
+        denied = [self._scan(item) for item in negated]
+        for scan in denied:
+            for mention in scan.mentions:
+                state[mention.concept] = False
+        if negated:
+            patient["negated_symptoms"] = list(negated)
+        if symptoms:
+            patient["symptoms"] = list(symptoms)
+        turns = [self._scan(turn) for turn in (*symptoms, *history, question)]
+        for scan in turns:
+            for mention in scan.mentions:
+                state[mention.concept] = mention.affirmed
+        return _Reading(turns, state, denied, patient)
 
     # -- matching ---------------------------------------------------------------------------
 
@@ -173,12 +287,14 @@ class Triage:
 
     def features(self, question: str, history: Sequence[str] = ()) -> frozenset[str]:
         """The backstop's features of a request (n-grams with negation marks, concept states)."""
-        state: dict[str, bool] = {}
-        turns = [self._scan(turn) for turn in (*history, question)]
-        for scan in turns:
-            for mention in scan.mentions:
-                state[mention.concept] = mention.affirmed
-        return request_features(turns, state, self._negation_scope)
+        return self._request_features(self._read(question, history, None, None, (), ()))
+
+    def evidence(self, question: str, history: Sequence[str] = ()) -> tuple[int, bool]:
+        """Content words of a request (what the backstop's minimum counts) and whether it holds an
+        affirmed severity/onset cue (which lets the backstop judge below that minimum)."""
+        reading = self._read(question, history, None, None, (), ())
+        cue = any(reading.state.get(name) for name in self._severity_cues)
+        return evidence_units(reading.turns), cue
 
     def _scan_turn(self, text: str) -> TurnScan:
         s = _normalise(text)
@@ -265,7 +381,8 @@ class Triage:
     def _ignored(self, s: str, start: int, end: int, concept: Concept, clause: _Clause, sentence: _Clause) -> bool:
         m = self._mods
         cs, ce = clause.start, clause.end
-        if concept.unless is not None and concept.unless.search(s, sentence.start, sentence.end):
+        # A suppressor explains a finding only in its own clause (刷牙的时候…, 早上起床…, 牙疼，…).
+        if concept.unless is not None and concept.unless.search(s, cs, ce):
             return True
         if m.educational.search(s, cs, ce):
             return True
@@ -314,6 +431,15 @@ class Triage:
             _units(prefix[cue.end() :], m.conjunction) <= self._rs.negation_window
             for cue in m.negation.finditer(prefix)
         )
+
+
+def _text_list(value: Sequence[str] | None, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    # A bare string is a sequence too; read as a list it would be one finding per character.
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a list of strings")
+    return tuple(v for v in value if v.strip())
 
 
 def _is_latin(ch: str) -> bool:

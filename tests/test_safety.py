@@ -454,19 +454,46 @@ def test_backstop_loads_and_was_trained_on_tuned_sets_only(with_backstop: Triage
     assert "triage_train_extra.jsonl" in meta["training_sets"]
 
 
-def test_backstop_off_by_default_and_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from safety.backstop import BACKSTOP_ENABLED_BY_DEFAULT, BACKSTOP_ENV
+def test_backstop_is_on_by_default_and_typed_by_the_caller(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from safety.backstop import DEFAULT_BACKSTOP_PATH
 
-    monkeypatch.delenv(BACKSTOP_ENV, raising=False)
-    assert (Triage.from_file().backstop is not None) == BACKSTOP_ENABLED_BY_DEFAULT
-    monkeypatch.setenv(BACKSTOP_ENV, "1")
-    assert Triage.from_file().backstop is not None
-    monkeypatch.setenv(BACKSTOP_ENV, "off")
-    assert Triage.from_file().backstop is None
-    monkeypatch.setenv(BACKSTOP_ENV, str(_weights_file(tmp_path)))
     bs = Triage.from_file().backstop
-    assert bs is not None and bs.version == "t1"
+    assert bs is not None and Path(bs.source) == DEFAULT_BACKSTOP_PATH
     assert Triage.from_file(backstop=False).backstop is None
+    own = Triage.from_file(backstop=_weights_file(tmp_path)).backstop
+    assert own is not None and own.version == "t1"
+    other = Triage.from_file(backstop=True, backstop_path=_weights_file(tmp_path)).backstop
+    assert other is not None and other.version == "t1"
+    assert Triage.from_file(backstop=False, backstop_path=_weights_file(tmp_path)).backstop is None
+    # safety/ reads no environment: the service's settings are the one reading of the setting.
+    monkeypatch.setenv("DOCTORGLM_TRIAGE_BACKSTOP", "off")
+    assert Triage.from_file().backstop is not None
+
+
+def test_service_settings_read_the_backstop_setting_once_with_one_type(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    for key in ("DOCTORGLM_TRIAGE_BACKSTOP", "DOCTORGLM_TRIAGE_BACKSTOP_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    s = Settings(_env_file=None)
+    assert s.triage_backstop is True and s.triage_backstop_path is None
+    weights = _weights_file(tmp_path)
+    monkeypatch.setenv("DOCTORGLM_TRIAGE_BACKSTOP_PATH", str(weights))
+    monkeypatch.setenv("DOCTORGLM_TRIAGE_BACKSTOP", "true")
+    s = Settings(_env_file=None)
+    assert s.triage_backstop_path == weights
+    t = Triage.from_file(backstop=s.triage_backstop, backstop_path=s.triage_backstop_path)
+    assert t.backstop is not None and t.backstop.version == "t1"
+    monkeypatch.setenv("DOCTORGLM_TRIAGE_BACKSTOP", "false")
+    assert Settings(_env_file=None).triage_backstop is False
+    # A path in the on/off setting is a clear settings error at start-up, not a crash later.
+    monkeypatch.setenv("DOCTORGLM_TRIAGE_BACKSTOP", str(weights))
+    with pytest.raises(ValidationError, match="triage_backstop"):
+        Settings(_env_file=None)
 
 
 def test_backstop_is_deterministic(with_backstop: Triage) -> None:
