@@ -279,7 +279,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     left.axhline(results["closed_loop"]["tokens_per_s"], color="#48a", ls=":",
                  label=f"{results['clients']} clients, closed loop")
     left.axhline(results["transformers_peer"]["tokens_per_s"], color="#4a7", ls="-.",
-                 label="transformers continuous batching (in process)")
+                 label="transformers continuous batching (in process, all at once)")
+    left.axhline(results["engine_in_process"]["all_at_once_tokens_per_s"], color="#a4a", ls="-.",
+                 label="engine (in process, all at once)")
+    left.axhline(results["engine_in_process"]["all_at_once_batch8_tokens_per_s"], color="#a4a", ls=":",
+                 label="engine (in process, batch 8)")
     left.set_xlabel("arrival rate (requests / s, Poisson)")
     left.set_ylabel("output tokens / s")
     left.legend(fontsize=7)
