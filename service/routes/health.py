@@ -26,11 +26,10 @@ def live_model(runtime: Runtime) -> dict[str, Any]:
     info: dict[str, Any] = {"model": getattr(runtime.engine, "model_name", None),
                             "adapter": adapter.name if adapter is not None else None,
                             "dtype": None, "quantization": None}
-    model = getattr(runtime.engine, "model", None)
-    if model is not None:
+    if getattr(runtime.engine, "kind", None) == "local":  # the upstream engine's `model` is a name
         from llm.quantize import model_summary
 
-        info.update(model_summary(model))
+        info.update(model_summary(runtime.engine.model))
     return info
 
 
