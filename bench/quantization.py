@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import gc
 import json
 import os
 import platform
@@ -445,6 +446,7 @@ def gpu_check(args: argparse.Namespace) -> None:
         print("model:", report["model"], flush=True)
         dtype = "bf16" if cuda else "fp32"
         for mode in ("none", *METHODS):
+            gc.collect()  # the previous mode's model and engine
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
