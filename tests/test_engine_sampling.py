@@ -1,5 +1,5 @@
 """Per-row sampling: top-k / top-p draws follow the exact truncated distribution, on the candidate path
-and on the full-sort path, and a row's draw does not depend on the other rows of its batch."""
+and on the threshold (bisection) path, and a row's draw does not depend on the other rows of its batch."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def exact(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) ->
 
 @pytest.mark.parametrize("spread, top_p, top_k", [(6.0, 0.8, 0), (0.3, 0.9, 0), (1.0, 1.0, 7), (1.0, 0.6, 12)])
 def test_draws_follow_the_truncated_distribution(spread: float, top_p: float, top_k: int) -> None:
-    # spread 6: the nucleus lies within the candidates; spread 0.3 over a big vocabulary: it does not (full sort).
+    # spread 6: the nucleus lies within the candidates; spread 0.3 over a big vocabulary: it does not (bisection).
     vocab = 4 * TOP_P_CANDIDATES
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * spread
     rows = RowSampling([0.9], [top_p], [top_k], [1.0], CPU)
@@ -46,7 +46,7 @@ def test_draws_follow_the_truncated_distribution(spread: float, top_p: float, to
 def test_a_rows_draw_does_not_depend_on_its_batch() -> None:
     gen = torch.Generator().manual_seed(2)
     peaked = torch.randn(1, 1024, generator=gen) * 8
-    flat = torch.randn(1, 1024, generator=gen) * 0.1  # forces the full-sort path for the whole batch
+    flat = torch.randn(1, 1024, generator=gen) * 0.1  # its candidates miss top_p: the threshold path
     u = torch.tensor([0.37])
     alone = sample(peaked, RowSampling([0.7], [0.9], [0], [1.0], CPU), None, u)
     both = sample(torch.cat([peaked, flat]), RowSampling([0.7, 0.7], [0.9, 0.95], [0, 0], [1.0, 1.0], CPU), None,
