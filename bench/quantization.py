@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 
 from llm.quantize import METHODS, quantize_merged, weight_bytes  # noqa: E402
-from llm.tiny_model import ensure_default_model, iter_jsonl_text, local_corpus_files  # noqa: E402
+from llm.tiny_model import ensure_default_model, iter_jsonl_records, iter_jsonl_text, local_corpus_files  # noqa: E402
 
 SHARED_DIALOGUES = Path(os.environ.get("DOCTORGLM_SHARED_DATA", ROOT.parent / "shared" / "data")) / "dialogues"
 RESULTS = ROOT / "bench" / "results"
@@ -52,19 +52,12 @@ def dialogue_texts(limit: int = 4000) -> tuple[list[str], str]:
     files = sorted(SHARED_DIALOGUES.glob("*.jsonl")) if SHARED_DIALOGUES.is_dir() else []
     source = "shared/data/dialogues" if files else "knowledge/data (shared dialogues absent)"
     texts: list[str] = []
-    for path in files or local_corpus_files():
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    text = "".join(str(record.get(k, "")) for k in ("question", "input", "answer", "output"))
-                    if len(text) >= 60:
-                        texts.append(text)
-                if len(texts) >= limit:
-                    break
+    for record in iter_jsonl_records(files or local_corpus_files()):
+        text = "".join(str(record.get(k, "")) for k in ("question", "input", "answer", "output"))
+        if len(text) >= 60:
+            texts.append(text)
+        if len(texts) >= limit:
+            break
     if not texts:  # the sample library's own fields
         texts = [t for t in iter_jsonl_text(local_corpus_files()) if len(t) >= 60][:limit]
     return texts, source

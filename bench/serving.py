@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from llm.tiny_model import ensure_default_model  # noqa: E402
+from llm.tiny_model import ensure_default_model, iter_jsonl_records  # noqa: E402
 from tests.server import start_server  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -63,16 +63,10 @@ def workload(tokenizer: Any, count: int, cap: int, seed: int = 0) -> tuple[list[
     source = "../shared/data/dialogues" if files else "knowledge/data/sample_dialogues.jsonl"
     files = files or [ROOT / "knowledge" / "data" / "sample_dialogues.jsonl"]
     pairs: list[tuple[str, str]] = []
-    for path in files:
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                question, answer = record.get("question"), record.get("answer")
-                if isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip():
-                    pairs.append((question[:400], answer))
+    for record in iter_jsonl_records(files):
+        question, answer = record.get("question"), record.get("answer")
+        if isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip():
+            pairs.append((question[:400], answer))
     rng = random.Random(seed)
     rng.shuffle(pairs)
     chosen = pairs[:count]

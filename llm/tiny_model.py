@@ -35,8 +35,8 @@ def local_corpus_files() -> list[Path]:
     return [p for p in (data / "sample_diseases.jsonl", data / "sample_dialogues.jsonl") if p.is_file()]
 
 
-def iter_jsonl_text(paths: Iterable[Path]) -> Iterator[str]:
-    """Every string value of every JSONL record (lists flattened)."""
+def iter_jsonl_records(paths: Iterable[Path]) -> Iterator[dict]:
+    """Every JSON object of every JSONL file; lines that are not objects are skipped."""
     for path in paths:
         with path.open(encoding="utf-8") as handle:
             for line in handle:
@@ -44,13 +44,18 @@ def iter_jsonl_text(paths: Iterable[Path]) -> Iterator[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if not isinstance(record, dict):
-                    continue
-                for value in record.values():
-                    if isinstance(value, str) and value:
-                        yield value
-                    elif isinstance(value, list):
-                        yield "、".join(str(v) for v in value)
+                if isinstance(record, dict):
+                    yield record
+
+
+def iter_jsonl_text(paths: Iterable[Path]) -> Iterator[str]:
+    """Every string value of every JSONL record (lists flattened)."""
+    for record in iter_jsonl_records(paths):
+        for value in record.values():
+            if isinstance(value, str) and value:
+                yield value
+            elif isinstance(value, list):
+                yield "、".join(str(v) for v in value)
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 8192) -> None:
