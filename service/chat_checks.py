@@ -6,6 +6,7 @@ from __future__ import annotations
 from llm.designer import NO_MATCH_NOTE, UNCERTAIN_NOTE
 
 from .chat_turn import ChatInput
+from .engine.types import SamplingParams
 from .errors import APIError
 from .settings import Settings
 
@@ -19,6 +20,13 @@ def strip_notice(answer: str, notice: str) -> str:
     return answer
 
 
+def check_max_tokens(s: Settings, params: SamplingParams) -> None:
+    """422 for an answer longer than DOCTORGLM_MAX_NEW_TOKENS (chat turns and raw completions alike)."""
+    if params.max_new_tokens > s.max_new_tokens:
+        raise APIError(422, "invalid_request",
+                       f"max_new_tokens {params.max_new_tokens} is over the limit of {s.max_new_tokens}")
+
+
 def check_limits(s: Settings, chat: ChatInput) -> None:
     """422 for a turn over this deployment's limits (input chars, history, max/min tokens)."""
     if len(chat.question) > s.max_input_chars:
@@ -30,9 +38,7 @@ def check_limits(s: Settings, chat: ChatInput) -> None:
     total = sum(len(t.user) + len(t.assistant) for t in chat.history)
     if total > 8 * s.max_input_chars:
         raise APIError(422, "history_too_long", f"history has {total} characters; shorten it")
-    if chat.params.max_new_tokens > s.max_new_tokens:
-        raise APIError(422, "invalid_request",
-                       f"max_new_tokens {chat.params.max_new_tokens} is over the limit of {s.max_new_tokens}")
+    check_max_tokens(s, chat.params)
     if chat.params.min_new_tokens > chat.params.max_new_tokens:
         raise APIError(422, "invalid_request", f"min_new_tokens {chat.params.min_new_tokens} must not exceed "
                                                f"max_new_tokens {chat.params.max_new_tokens}")

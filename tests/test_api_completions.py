@@ -3,6 +3,7 @@ model's own forward computed here (greedy tokens, log-probabilities, the prompt'
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -141,3 +142,31 @@ def test_completions_need_a_key_when_keys_are_on(cache_dir: Path, default_model_
         running.stop()
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
     assert keyed.status_code == 200 and keyed.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_the_answer_limit_holds_and_a_refused_prompt_frees_the_ones_queued_before_it(
+        cache_dir: Path, default_model_dir: Path, tmp_path: Path) -> None:
+    from tests.api_support import metric_samples
+    from tests.server import start_server
+
+    running = start_server(cache_dir, tmp_path, {"DOCTORGLM_MAX_NEW_TOKENS": "1024",
+                                                 "DOCTORGLM_CONTEXT_TOKENS": "2048",
+                                                 "DOCTORGLM_REPETITION_GUARD": "0"})
+    try:
+        over = httpx.post(running.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 1025}, timeout=30)
+        # Fifteen short prompts queue, then the last one is over the budget (2048 - 1000 tokens).
+        prompts = [[5, 6, 7]] * 15 + [[5] * 1049]
+        refused = httpx.post(running.url + "/v1/completions", timeout=60,
+                             json={"prompt": prompts, "max_tokens": 1000, "min_tokens": 1000, "temperature": 0})
+        deadline, busy = time.monotonic() + 2.0, 1.0
+        while time.monotonic() < deadline:
+            samples = metric_samples(running.url)
+            busy = samples["doctorglm_active_streams"][0].value + samples["doctorglm_queued_requests"][0].value
+            if busy == 0:
+                break
+            time.sleep(0.05)
+    finally:
+        running.stop()
+    assert over.status_code == 422 and "1024" in over.json()["error"]["message"]
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "prompt_too_long"
+    assert busy == 0  # the fifteen queued prompts were cancelled, not left generating 1000 tokens each

@@ -21,12 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from sse_starlette import EventSourceResponse
 
 from ..auth import require_api_key
+from ..chat_checks import check_max_tokens
 from ..engine.contract import EngineStream
 from ..engine.types import (
     EngineError,
     Finished,
     GenerationRequest,
     PromptLogprobs,
+    PromptTooLong,
     SamplingParams,
     TokenDelta,
     TokenLogprob,
@@ -140,19 +142,25 @@ async def submit_all(runtime: Runtime, body: CompletionRequest, rid: str) -> lis
     engine = runtime.engine
     if engine is None or not runtime.ready:
         raise APIError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "5"})
+    params = body.params()
+    check_max_tokens(runtime.settings, params)
     choices: list[Choice] = []
     try:
         for index, prompt in enumerate(body.prompts()):
             request = GenerationRequest(message=prompt if isinstance(prompt, str) else "", raw=True,
                                         raw_ids=None if isinstance(prompt, str) else list(prompt),
-                                        params=body.params(), request_id=rid)
+                                        params=params, request_id=rid)
             handle = engine.submit(request, engine.prepare(request))
             choices.append(Choice(index, handle, prompt))
             await handle.open()
-    except EngineError as exc:
+    except BaseException as exc:
+        # A later prompt refused (PromptTooLong is a ValueError, not an EngineError) or a client gone:
+        # the prompts already queued must not generate for nobody.
         for choice in choices:
             choice.handle.cancel()
-        raise to_api_error(exc, runtime.retry_after_s()) from exc
+        if isinstance(exc, EngineError | PromptTooLong):
+            raise to_api_error(exc, runtime.retry_after_s()) from exc
+        raise
     return choices
 
 
