@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -54,15 +53,6 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
-def needs_remote_code(model_dir: Path) -> bool:
-    """True when config.json names modeling code shipped in the directory (ChatGLM-6B/2/3 style)."""
-    config = model_dir / "config.json"
-    if not config.is_file():
-        return False
-    data = json.loads(config.read_text(encoding="utf-8"))
-    return bool(data.get("auto_map"))
-
-
 def load_model(model_dir: Path, *, adapter_dir: Path | None = None, dtype: str = "auto",
                device: str = "auto", quantization: str = "none", trust_remote_code: bool = False,
                cache_dir: Path | None = None) -> LoadedModel:
@@ -80,9 +70,13 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, dtype: str =
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir} has no config.json: point DOCTORGLM_MODEL_PATH at a model directory")
-    if original_family(read_config(model_dir)) is not None:
+    try:
+        config = read_config(model_dir)
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ModelLoadError(f"{model_dir}/config.json cannot be read as JSON: {exc}") from exc
+    if original_family(config) is not None:
         model_dir, adapter_dir = converted_original(model_dir, adapter_dir, cache_dir)
-    elif needs_remote_code(model_dir) and not trust_remote_code:
+    elif config.get("auto_map") and not trust_remote_code:  # modeling code shipped in the directory
         raise ModelLoadError(
             f"{model_dir} ships its own modeling code (config.json auto_map): "
             "review it, then set DOCTORGLM_TRUST_REMOTE_CODE=true to run it"

@@ -88,3 +88,11 @@ def test_a_failed_conversion_stops_start_up_saying_what_is_wrong(tmp_path: Path)
     assert "cannot convert the original checkpoint" in output
     assert "pytorch_model-00002-of-00002.bin" in output
     assert not [p for p in (tmp_path / "cache" / "converted").iterdir() if p.is_dir()]
+
+
+def test_a_config_json_that_is_not_json_is_a_load_error_naming_the_file(tmp_path: Path) -> None:
+    from llm.loading import ModelLoadError, load_model
+
+    (tmp_path / "config.json").write_text('{"model_type": "chatglm",', encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="config.json cannot be read as JSON"):
+        load_model(tmp_path, cache_dir=tmp_path / "cache")
