@@ -27,6 +27,8 @@ def test_local_and_upstream_engines_and_their_streams_implement_the_contract(def
     for engine in (local, remote):
         assert isinstance(engine, Engine)
         engine.start()
+    assert local.model_summary()["dtype"] == "float32" and local.model_summary()["quantization"] == "none"
+    assert remote.model_summary() == {"dtype": None, "quantization": None}  # the upstream's model is a name
 
     async def handles() -> list[object]:
         request = GenerationRequest(message="头痛", params=SamplingParams(max_new_tokens=2))

@@ -49,6 +49,10 @@ class Engine(Protocol):
         """Queue a request; raises QueueFull or EngineNotReady at once, never later."""
         ...
 
+    def model_summary(self) -> dict[str, str | None]:
+        """{"dtype", "quantization"} of the model that answers; both None where it runs elsewhere (upstream)."""
+        ...
+
     def stats(self) -> dict[str, int]:
         """{"active": rows generating, "queued": requests waiting}."""
         ...

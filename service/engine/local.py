@@ -198,6 +198,11 @@ class LocalEngine:
     def stats(self) -> dict[str, int]:
         return {"active": len(self._rows), "queued": len(self._waiting)}
 
+    def model_summary(self) -> dict[str, str | None]:
+        from llm.quantize import model_summary
+
+        return dict(model_summary(self.model))
+
     def prepare(self, request: GenerationRequest) -> list[int]:
         """Prompt ids within the budget (raises PromptTooLong for a message too long on its own)."""
         budget = self.context_tokens - request.params.max_new_tokens

@@ -277,6 +277,10 @@ class UpstreamEngine:
             total = len(self._handles)
             return {"active": self._streaming, "queued": max(total - self._streaming, 0)}
 
+    def model_summary(self) -> dict[str, str | None]:
+        """The upstream's model is only a name here: its dtype and quantisation are not known."""
+        return {"dtype": None, "quantization": None}
+
     def prepare(self, request: GenerationRequest) -> None:
         """No local tokenizer: the upstream applies its own chat template and truncation."""
         if request.raw or request.params.logprobs is not None or request.params.prompt_logprobs:

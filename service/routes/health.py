@@ -22,15 +22,10 @@ async def healthz() -> dict[str, str]:
 
 def live_model(runtime: Runtime) -> dict[str, Any]:
     """Which model, adapter, dtype and quantisation answer (an upstream engine knows only its model name)."""
-    adapter = runtime.settings.adapter_path
-    info: dict[str, Any] = {"model": getattr(runtime.engine, "model_name", None),
-                            "adapter": adapter.name if adapter is not None else None,
-                            "dtype": None, "quantization": None}
-    if getattr(runtime.engine, "kind", None) == "local":  # the upstream engine's `model` is a name
-        from llm.quantize import model_summary
-
-        info.update(model_summary(runtime.engine.model))
-    return info
+    engine, adapter = runtime.engine, runtime.settings.adapter_path
+    return {"model": engine.model_name if engine is not None else None,
+            "adapter": adapter.name if adapter is not None else None,
+            **(engine.model_summary() if engine is not None else {"dtype": None, "quantization": None})}
 
 
 @router.api_route("/readyz", methods=["GET", "HEAD"],
@@ -40,7 +35,7 @@ async def readyz(request: Request, runtime: Runtime = Depends(get_runtime)) -> A
         "ready": runtime.ready,
         "draining": runtime.draining,
         "index": runtime.retriever is not None,
-        "engine": getattr(runtime.engine, "kind", None),
+        "engine": runtime.engine.kind if runtime.engine is not None else None,
         **live_model(runtime),
         "diseases": runtime.retriever.size if runtime.retriever is not None else 0,
         "auth": runtime.keys.enabled,
