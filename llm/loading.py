@@ -112,11 +112,11 @@ def converted_original(model_dir: Path, adapter_dir: Path | None, cache_dir: Pat
     from .convert import ConversionError
     from .convert.cache import ensure_converted
     from .convert.original_lora import AdapterError, targets_original_layout
-    from .convert.shards import ShardError, tensor_names
+    from .convert.shards import ShardError
     from .paths import cache_dir as default_cache_dir
 
     try:
-        merge_now = adapter_dir is not None and targets_original_layout(adapter_dir, set(tensor_names(model_dir)))
+        merge_now = adapter_dir is not None and targets_original_layout(adapter_dir, model_dir)
         converted = ensure_converted(model_dir, cache_dir or default_cache_dir(), adapter_dir if merge_now else None)
     except (ConversionError, AdapterError, ShardError, OSError) as exc:
         raise ModelLoadError(f"cannot convert the original checkpoint {model_dir}: {exc}") from exc

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..families import CHATGLM2, CHATGLM3, CHATGLM_6B, Family, original_family, read_config
 from .base import WeightMap
 from .original_lora import AdapterError, OriginalLora
-from .shards import ShardError, ShardWriter, iter_tensors, weight_files
+from .shards import ShardError, ShardWriter, iter_tensors, locate_weights
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,6 @@ def _progress_bar(total: int, enabled: bool | None):
     return tqdm(total=total, unit="tensor", desc="converting", disable=disable, leave=False)
 
 
-def _count_tensors(source: Path, files: list[Path]) -> int:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (source / index).is_file():
-            return len(json.loads((source / index).read_text(encoding="utf-8"))["weight_map"])
-    return 0  # a single file: the bar counts up without a total
-
-
 def _write_tokenizer(source: Path, family: Family, config: dict, out: Path) -> None:
     from .tokenizer import convert_tokenizer, write_generation_config
 
@@ -113,7 +106,7 @@ def convert(source: Path, out: Path, *, adapter: Path | None = None, progress: b
     weights = weight_map_for(family)
     try:
         lora = OriginalLora.load(adapter) if adapter is not None else None
-        files = weight_files(source)
+        files, index = locate_weights(source)
     except (AdapterError, ShardError) as exc:
         raise ConversionError(str(exc)) from exc
     try:
@@ -128,7 +121,8 @@ def convert(source: Path, out: Path, *, adapter: Path | None = None, progress: b
     try:
         writer = ShardWriter(partial, max_shard_bytes)
         count = 0
-        with _progress_bar(_count_tensors(source, files), progress) as bar:
+        # A single file has no index: the bar counts up without a total.
+        with _progress_bar(len(index or {}), progress) as bar:
             for path in files:
                 for name, tensor in iter_tensors(path):
                     if lora is not None:

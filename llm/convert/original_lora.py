@@ -111,8 +111,13 @@ class OriginalLora:
         return sorted(self.deltas)
 
 
-def targets_original_layout(adapter_dir: Path, original_names: set[str]) -> bool:
-    """True when a LoRA adapter's modules are tensors of the original checkpoint (merge before converting)."""
+def targets_original_layout(adapter_dir: Path, checkpoint: Path) -> bool:
+    """True when a LoRA adapter's modules are tensors of the original checkpoint (merge before converting).
+
+    The checkpoint's tensor names are read only for a LoRA adapter (a P-tuning prefix needs none).
+    """
+    from .shards import tensor_names
+
     try:
         config = adapter_config(adapter_dir)
     except AdapterError:
@@ -120,4 +125,7 @@ def targets_original_layout(adapter_dir: Path, original_names: set[str]) -> bool
     if "LORA" not in str(config.get("peft_type", "")).upper():
         return False
     modules = lora_module_names(adapter_weights(adapter_dir))
-    return bool(modules) and all(m + ".weight" in original_names for m in modules)
+    if not modules:
+        return False
+    original_names = set(tensor_names(checkpoint))
+    return all(m + ".weight" in original_names for m in modules)

@@ -20,39 +20,46 @@ class ShardError(ValueError):
     """The weight files of a checkpoint directory are missing or inconsistent."""
 
 
-def weight_files(source: Path) -> list[Path]:
-    """The checkpoint's weight files in order: from an index when there is one, else the single file."""
+def locate_weights(source: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The checkpoint's weight files in order, and the index's weight_map (None for a single file)."""
     for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
         index = source / index_name
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:
                 raise ShardError(f"{index} is not a weight index (no weight_map): {exc}") from exc
             files = [source / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise ShardError(f"{index.name} names shards that are not in {source}: {', '.join(missing)}")
-            return sorted(files)
+            return sorted(files), weight_map
         if (source / single).is_file():
-            return [source / single]
+            return [source / single], None
     found = sorted(p.name for p in source.glob("*.safetensors")) or sorted(p.name for p in source.glob("*.bin"))
     if len(found) == 1:
-        return [source / found[0]]
+        return [source / found[0]], None
     if found:
         raise ShardError(f"{source} has several weight files ({', '.join(found)}) but no index json")
     raise ShardError(f"{source} has no weights (pytorch_model*.bin or *.safetensors)")
 
 
+def weight_files(source: Path) -> list[Path]:
+    """The checkpoint's weight files in order: from an index when there is one, else the single file."""
+    return locate_weights(source)[0]
+
+
 def tensor_names(source: Path) -> list[str]:
-    """Every tensor name of the checkpoint (from the index, else the file's header or pickle)."""
-    names: list[str] = []
-    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        if (source / index_name).is_file():
-            return list(json.loads((source / index_name).read_text(encoding="utf-8"))["weight_map"])
-    for path in weight_files(source):
-        names.extend(name for name, _ in iter_tensors(path))
-    return names
+    """Every tensor name of the checkpoint: from the index, else the file's header (or its pickle)."""
+    files, weight_map = locate_weights(source)
+    if weight_map is not None:
+        return list(weight_map)
+    if files[0].suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(files[0]), framework="pt") as handle:
+            return list(handle.keys())
+    return [name for name, _ in iter_tensors(files[0])]
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
