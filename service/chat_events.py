@@ -11,7 +11,7 @@ from typing import Any
 from .chat_audit import audit_chat
 from .chat_turn import ChatStart
 from .engine.types import EngineError, Finished, TokenDelta
-from .errors import error_body, to_api_error
+from .errors import error_body, finished_error, to_api_error
 from .runtime import Runtime
 
 
@@ -45,9 +45,9 @@ async def run_chat(runtime: Runtime, start: ChatStart) -> AsyncIterator[tuple[st
                 usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
                 runtime.metrics.tokens.inc(event.completion_tokens)
                 if event.error:
-                    status = 500 if finish == "error" else 503
-                    error_code = "generation_failed" if finish == "error" else "shutting_down"
-                    yield "error", error_payload(error_code, event.error, start.request_id, status)
+                    start.error = finished_error(event)
+                    status, error_code = start.error.status, start.error.code
+                    yield "error", error_payload(error_code, start.error.message, start.request_id, status)
                     return
                 status = 200
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -57,7 +57,7 @@ async def run_chat(runtime: Runtime, start: ChatStart) -> AsyncIterator[tuple[st
         finish, status = "cancelled", 499
         raise
     except EngineError as exc:
-        mapped = to_api_error(exc)
+        start.error = mapped = to_api_error(exc)
         finish, status, error_code = "error", mapped.status, mapped.code
         yield "error", error_payload(mapped.code, mapped.message, start.request_id, mapped.status)
     finally:

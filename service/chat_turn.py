@@ -12,6 +12,7 @@ from llm.designer import DesignedPrompt
 
 from .engine.contract import EngineStream
 from .engine.types import ChatTurn, SamplingParams
+from .errors import APIError
 
 
 @dataclass
@@ -41,3 +42,4 @@ class ChatStart:
     text: list[str] = field(default_factory=list)
     opened: bool = False  # run_chat began: it owns the audit record from then on
     audited: bool = False
+    error: APIError | None = None  # why run_chat yielded an `error` event (its status and headers included)

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine.types import EngineNotReady, InvalidPrompt, NotSupported, PromptTooLong, QueueFull, UpstreamError
+from .engine.types import EngineNotReady, Finished, InvalidPrompt, NotSupported, PromptTooLong, QueueFull, UpstreamError
 
 log = logging.getLogger(__name__)
 BAD_JSON = "the body is not valid UTF-8 JSON"
@@ -65,6 +65,14 @@ def to_api_error(exc: Exception, retry_after_s: int = 1) -> APIError:
     if isinstance(exc, UpstreamError):
         return APIError(503, "upstream_unavailable", str(exc), {"Retry-After": "5"})
     return APIError(500, "internal_error", "internal server error")
+
+
+def finished_error(done: Finished | None) -> APIError:
+    """A generation that ended without an answer: the drain ended it (503 shutting_down), or the engine
+    failed for it (500 generation_failed). One mapping for every route, streamed or not."""
+    if done is not None and done.finish_reason == "cancelled":
+        return APIError(503, "shutting_down", done.error or "the server is shutting down", {"Retry-After": "5"})
+    return APIError(500, "generation_failed", (done.error if done is not None else None) or "generation did not finish")
 
 
 def _request_id(request: Request) -> str | None:

@@ -322,3 +322,38 @@ def test_abort_all_ends_open_streams_with_a_cancelled_event() -> None:
     assert events[0].text == "x"
     assert events[-1].finish_reason == "cancelled" and events[-1].error == "the server is shutting down"
     assert time.monotonic() - started < 5
+
+
+def test_an_upstream_that_breaks_mid_answer_is_503_on_every_route(cache_dir: Path, default_model_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """One chunk, then the stream ends without a finish_reason: an upstream failure (503, Retry-After), the
+    same status whether the answer was streamed (the SSE error event) or collected (/chat, /v1 non-stream)."""
+    import socketserver
+    import threading
+
+    body = 'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+
+    class Truncated(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            self.wfile.write(_http(200, body, "text/event-stream"))
+
+    fake = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Truncated)
+    fake.daemon_threads = True
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    front = start_server(cache_dir, tmp_path, {"DOCTORGLM_ENGINE": "openai",
+                                               "DOCTORGLM_UPSTREAM_URL": f"http://127.0.0.1:{fake.server_address[1]}/v1"})
+    try:
+        collected = [httpx.post(front.url + path, json=payload, timeout=30) for path, payload in (
+            ("/chat", {"prompt": QUESTION}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}]}))]
+        streamed = httpx.post(front.url + "/chat/stream", json={"prompt": QUESTION}, timeout=30)
+    finally:
+        front.stop()
+        fake.shutdown()
+    for response in collected:
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "upstream_unavailable" and response.headers.get("retry-after")
+    name, payload = sse_events(streamed)[-1]
+    assert name == "error" and payload["error"]["code"] == "upstream_unavailable"

@@ -83,9 +83,9 @@ async def collect(runtime: Runtime, start: ChatStart, request: Request | None = 
     async def consume() -> tuple[str, dict[str, Any]]:
         done: dict[str, Any] = {}
         async for name, payload in run_chat(runtime, start):
-            if name == "error":
-                status = 503 if payload["code"] == "shutting_down" else 500
-                raise APIError(status, payload["code"], payload["message"])
+            if name == "error":  # the status run_chat mapped (503 + Retry-After upstream or draining, 500 failed)
+                assert start.error is not None
+                raise start.error
             if name == "done":
                 done = payload
         return "".join(start.text), done

@@ -33,7 +33,7 @@ from ..engine.types import (
     TokenDelta,
     TokenLogprob,
 )
-from ..errors import APIError, error_body, to_api_error
+from ..errors import APIError, error_body, finished_error, to_api_error
 from ..runtime import Runtime
 from ..schemas import (
     CHAT_ERRORS,
@@ -206,8 +206,7 @@ async def _collect(runtime: Runtime, choice: Choice, body: CompletionRequest) ->
             choice.finished = event
     done = choice.finished
     if done is None or done.finish_reason in ("error", "cancelled"):
-        raise APIError(500 if done is None or done.finish_reason == "error" else 503, "generation_failed",
-                       (done.error if done else None) or "generation did not finish")
+        raise finished_error(done)
 
 
 def _choice_body(choice: Choice, body: CompletionRequest) -> dict[str, Any]:
@@ -258,12 +257,8 @@ async def _stream(runtime: Runtime, choices: list[Choice], body: CompletionReque
                 open_choices -= 1
                 yield chunk(choice, "", (), finish_reason(event))
             else:
-                if isinstance(event, Exception):
-                    error = to_api_error(event)
-                    status, code, message = error.status, error.code, error.message
-                else:
-                    status, code, message = 500, "generation_failed", event.error or "generation failed"
-                yield {"event": "error", "data": json.dumps(error_body(status, code, message, rid))}
+                error = to_api_error(event) if isinstance(event, Exception) else finished_error(event)
+                yield {"event": "error", "data": json.dumps(error_body(error.status, error.code, error.message, rid))}
                 break
         else:
             if include_usage:
