@@ -309,8 +309,12 @@ def stop_ids(source_dir: Path, family: Family, original_config: dict) -> list[in
     eos = original_config.get("eos_token_id")
     ids = [int(v) for v in (eos if isinstance(eos, list) else [eos]) if v is not None]
     if family.name == CHATGLM3.name:
-        _, specials, names = build_tokenizer(source_dir, family)
-        ids += [specials[names[name]] for name in ("<|user|>", "<|observation|>") if specials[names[name]] not in ids]
+        # Appended specials take the ids after the SentencePiece pieces, in order (as build_tokenizer numbers
+        # them): no need to build the whole tokenizer again for two ids.
+        spec = _SPECS[family.name]
+        pieces = len(_load_proto(Path(source_dir) / spec.model_file).pieces)
+        roles = [pieces + spec.appended_specials.index(name) for name in ("<|user|>", "<|observation|>")]
+        ids += [i for i in roles if i not in ids]
     return ids
 
 
