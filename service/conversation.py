@@ -15,16 +15,15 @@ import uuid
 
 from llm.designer import triage_facts
 
-from .chat_audit import audit_chat, audit_request
 from .chat_checks import check_limits, strip_notice
-from .chat_events import error_payload, meta_event, run_chat
+from .chat_events import meta_event, run_chat
 from .chat_turn import ChatInput, ChatStart
 from .engine.types import ChatTurn, EngineError, GenerationRequest
 from .errors import APIError, to_api_error
 from .runtime import Runtime
 
-__all__ = ["ChatInput", "ChatStart", "audit_chat", "audit_request", "clock", "error_payload", "meta_event",
-           "run_chat", "start_chat", "strip_notice"]
+# What the routes import from here; the audit hook and the SSE error shape come from their own modules.
+__all__ = ["ChatInput", "ChatStart", "clock", "meta_event", "run_chat", "start_chat"]
 
 
 async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id: str) -> ChatStart:
