@@ -33,7 +33,8 @@ UNAUDITED_PATHS = OPS_PATHS | DOC_PATHS | {"/", "/favicon.ico"}
 # Open without a key whatever the settings: the probes, and the chat page (static; it asks for the key).
 ALWAYS_OPEN = frozenset({"/healthz", "/readyz", "/", "/favicon.ico"})
 # Every POST body of this API is JSON; these are read as JSON too (ChatGLM api.py clients, `curl -d`).
-_JSON_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/plain")
+_LOOSE_TYPES = (b"application/x-www-form-urlencoded", b"text/plain")
+_JSON_TYPES = (b"application/json", *_LOOSE_TYPES)
 # On every response: no MIME sniffing, no framing by other sites, no Referer with our paths.
 SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"no-referrer"))
@@ -247,8 +248,6 @@ def _is_json_type(content_type: str | None) -> bool:
     media = content_type.split(";")[0].strip().lower().encode()
     return media in _JSON_TYPES or (media.startswith(b"application/") and media.endswith(b"+json"))
 
-
-_LOOSE_TYPES = (b"application/x-www-form-urlencoded", b"text/plain")
 
 
 def _json_content_type(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
