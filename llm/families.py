@@ -1,7 +1,7 @@
 """Which model family a checkpoint directory holds, read from its config.json without running its code.
 
-One place names each family's facts that both serving and training need (LoRA target modules, whether
-an original directory must be converted first), so the two never disagree.
+One place names each family's facts that both serving and training need (LoRA target modules), so the
+two never disagree. An original layout (`original_family` is not None) is converted before loading.
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Family:
     name: str
-    # Modules LoRA adapts on a model of this family as transformers 5 loads it (q and v, as the paper did).
+    # Modules LoRA adapts on a model of this family as transformers 5 loads it (q and v, as the paper did);
+    # on the original layouts, what their LoRA adapters (DoctorGLM's) target.
     lora_targets: tuple[str, ...]
-    # True for THUDM's original layouts (remote code, fused query_key_value): convert before loading.
-    needs_conversion: bool = False
 
 
-CHATGLM_6B = Family("chatglm-6b", ("query_key_value",), needs_conversion=True)
-CHATGLM2 = Family("chatglm2", ("query_key_value",), needs_conversion=True)
-CHATGLM3 = Family("chatglm3", ("query_key_value",), needs_conversion=True)
+CHATGLM_6B = Family("chatglm-6b", ("query_key_value",))
+CHATGLM2 = Family("chatglm2", ("query_key_value",))
+CHATGLM3 = Family("chatglm3", ("query_key_value",))
 # Converted ChatGLM-6B (the project's own class, model_type "chatglm6b-doctorglm"): fused q/k/v kept,
 # so LoRA on query_key_value adapts q, k and v together (peft cannot address a slice of a fused Linear).
 CHATGLM_6B_CONVERTED = Family("chatglm-6b (converted)", ("query_key_value",))
