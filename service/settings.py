@@ -143,7 +143,8 @@ class Settings(ModelSettings, KnowledgeSettings, GenerationSettings, ServerSetti
         return found
 
     def is_loopback(self) -> bool:
-        if self.host in ("localhost", ""):
+        # "" is not: socket.bind(("", port)) listens on every interface.
+        if self.host == "localhost":
             return True
         try:
             return ipaddress.ip_address(self.host).is_loopback

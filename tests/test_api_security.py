@@ -154,6 +154,16 @@ def test_public_bind_without_keys_is_refused() -> None:
     assert len(lines) == 1 and "DOCTORGLM_API_KEYS" in lines[0] and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("host", ["", "0.0.0.0", "::"])
+def test_every_interface_counts_as_public(host: str) -> None:
+    from service.settings import Settings, SettingsError, check_settings
+
+    settings = Settings(host=host, api_keys="", api_keys_file=None, allow_anonymous=False)
+    assert not settings.is_loopback()  # bind(("", port)) listens on every interface, like 0.0.0.0
+    with pytest.raises(SettingsError, match="DOCTORGLM_API_KEYS"):
+        check_settings(settings)
+
+
 def test_port_in_use_is_one_line_error() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
