@@ -124,9 +124,12 @@ def converted_original(model_dir: Path, adapter_dir: Path | None, cache_dir: Pat
 
 
 def is_prefix(adapter_dir: Path) -> bool:
-    from .prefix import prefix_kind
+    from .prefix import PrefixError, prefix_kind
 
-    return prefix_kind(adapter_dir) is not None
+    try:
+        return prefix_kind(adapter_dir) is not None
+    except PrefixError as exc:  # looks like a P-tuning checkpoint, but its weights cannot be read
+        raise ModelLoadError(f"cannot serve the prefix in {adapter_dir}: {exc}") from exc
 
 
 def load_prefix_for(model: Any, adapter_dir: Path) -> PrefixKV:

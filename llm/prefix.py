@@ -47,11 +47,14 @@ def _ptuning_weights_file(folder: Path) -> Path | None:
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise PrefixError(f"cannot read {path} as weights: {exc}") from exc
 
 
 def prefix_kind(folder: Path) -> Literal["ptuning", "peft"] | None:

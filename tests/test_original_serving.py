@@ -96,3 +96,16 @@ def test_a_config_json_that_is_not_json_is_a_load_error_naming_the_file(tmp_path
     (tmp_path / "config.json").write_text('{"model_type": "chatglm",', encoding="utf-8")
     with pytest.raises(ModelLoadError, match="config.json cannot be read as JSON"):
         load_model(tmp_path, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("kind", ["lora", "ptuning"])
+def test_an_unreadable_adapter_file_is_a_load_error_naming_the_directory(kind: str, tmp_path: Path) -> None:
+    from llm.loading import ModelLoadError, load_model
+
+    source = original_checkpoint("chatglm2-6b")
+    adapter = tmp_path / kind
+    shutil.copytree(source / kind, adapter)
+    weights = next(p for p in adapter.iterdir() if p.suffix in (".bin", ".safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ModelLoadError, match=str(adapter)):
+        load_model(source, adapter_dir=adapter, cache_dir=tmp_path / "cache")

@@ -26,17 +26,24 @@ def adapter_config(adapter_dir: Path) -> dict:
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise AdapterError(f"{adapter_dir} has no adapter_config.json: not a peft adapter")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise AdapterError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     adapter_dir = Path(adapter_dir)
-    if (adapter_dir / "adapter_model.safetensors").is_file():
-        from safetensors.torch import load_file
+    safetensors, pickled = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
+    try:
+        if safetensors.is_file():
+            from safetensors.torch import load_file
 
-        return load_file(str(adapter_dir / "adapter_model.safetensors"))
-    if (adapter_dir / "adapter_model.bin").is_file():
-        return torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+            return load_file(str(safetensors))
+        if pickled.is_file():
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise AdapterError(f"cannot read the adapter weights in {adapter_dir}: {exc}") from exc
     raise AdapterError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
 
 
