@@ -5,9 +5,10 @@ and cached, so one bincount scores a query), plus an IDF-weighted coverage of th
 plus priors from the library's own fields: prevalence, commonness (how many other documents list the
 disease as a complication) and department / susceptible people vs. patient cues (from the text, or from
 a structured `PatientContext`: listed symptoms are searched as symptoms, denied ones are removed as the
-text's negated words are, a stated age or sex replaces the guessed one).
-`mode="plain" is classic single-field
-BM25 (equal to rank-bm25 BM25Okapi with epsilon=0), kept for benchmarks and as a reference.
+text's negated words are, a stated age or sex replaces the guessed one). Unless the patient is a child
+or a red-flag rule names suspects, the first `fusion_depth` results are re-ordered by reciprocal-rank
+fusion with plain BM25. `mode="plain"` is classic single-field BM25 (equal to rank-bm25 BM25Okapi with
+epsilon=0), kept for benchmarks and as a reference.
 """
 
 from __future__ import annotations
