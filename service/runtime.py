@@ -108,7 +108,7 @@ class Runtime:
             await asyncio.sleep(0.02)
 
 
-def build_runtime(settings: Settings, *, progress: bool = True) -> Runtime:
+def build_runtime(settings: Settings) -> Runtime:
     """Light parts only; the model and index are loaded by load_runtime (may take a while)."""
     triage = Triage.from_file(settings.red_flags_path, backstop=settings.triage_backstop,
                               backstop_path=settings.triage_backstop_path)
