@@ -103,7 +103,10 @@ def load_ptuning(folder: Path) -> PrefixKV:
                           f"{config['pre_seq_len']}")
     if config.get("prefix_projection"):
         embedding = _project(state, embedding)
-    return weight_map_for(family).prefix_kv(embedding, config)
+    try:
+        return weight_map_for(family).prefix_kv(embedding, config)
+    except ValueError as exc:  # the embedding's width does not fit the layout its config.json describes
+        raise PrefixError(f"{weights}: {exc}") from exc
 
 
 def _compute_param(model: Any) -> torch.Tensor:

@@ -120,3 +120,18 @@ def test_a_prefix_for_another_model_is_refused(tmp_path: Path) -> None:
     assert prefix_kind(broken) is None
     with pytest.raises(PrefixError, match="neither"):
         load_prefix(broken, other)
+
+
+@pytest.mark.parametrize("name", ["chatglm-6b", "chatglm2-6b"])
+def test_a_prefix_embedding_that_does_not_fit_its_own_config_is_a_load_error(name: str, tmp_path: Path) -> None:
+    from llm.loading import ModelLoadError, load_model
+    from llm.prefix import PTUNING_EMBEDDING
+
+    source = original_checkpoint(name)
+    checkpoint = tmp_path / "ptuning"
+    shutil.copytree(source / "ptuning", checkpoint)
+    state = torch.load(checkpoint / "pytorch_model.bin", weights_only=True)
+    state[PTUNING_EMBEDDING] = state[PTUNING_EMBEDDING][:, :-1].clone()  # one column short
+    torch.save(state, checkpoint / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="does not fit|expected"):
+        load_model(source, adapter_dir=checkpoint, cache_dir=tmp_path / "cache")
