@@ -137,7 +137,7 @@ class RequestContextMiddleware:
                 status, code, message, *extra = refusal
                 await refuse(status, code, message, [*(extra[0] if extra else []), (b"connection", b"close")])
                 return
-            body = await self._read_body(scope, receive, headers)
+            body = await self._read_body(receive, headers)
             if body == "too_large":
                 await refuse(413, "payload_too_large", f"the body is over {self.limits.max_body_bytes} bytes",
                              [(b"connection", b"close")])
@@ -207,7 +207,7 @@ class RequestContextMiddleware:
             return route
         return path if path in self.known_paths() else "unmatched"
 
-    async def _read_body(self, scope: Scope, receive: Receive, headers: Headers) -> list[Message] | str:
+    async def _read_body(self, receive: Receive, headers: Headers) -> list[Message] | str:
         """All request messages up to the end of the body, or why not: too_large, timeout, disconnected."""
         declared = headers.get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.limits.max_body_bytes:

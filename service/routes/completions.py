@@ -185,7 +185,7 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
                                    headers={"X-Accel-Buffering": "no"})
     runtime.stream_opened()
     try:
-        await asyncio.gather(*(_collect(runtime, c, body) for c in choices))
+        await asyncio.gather(*(_collect(c) for c in choices))
     finally:
         runtime.stream_closed()
         for choice in choices:
@@ -194,7 +194,7 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
             "choices": [_choice_body(c, body) for c in choices], "usage": _usage(choices)}
 
 
-async def _collect(runtime: Runtime, choice: Choice, body: CompletionRequest) -> None:
+async def _collect(choice: Choice) -> None:
     async for event in choice.handle:
         if isinstance(event, PromptLogprobs):
             choice.text += echo_text(choice, event)
