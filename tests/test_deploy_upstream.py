@@ -357,3 +357,34 @@ def test_an_upstream_that_breaks_mid_answer_is_503_on_every_route(cache_dir: Pat
         assert response.json()["error"]["code"] == "upstream_unavailable" and response.headers.get("retry-after")
     name, payload = sse_events(streamed)[-1]
     assert name == "error" and payload["error"]["code"] == "upstream_unavailable"
+
+
+def test_a_request_cancelled_while_it_connects_leaves_no_count_and_no_open_stream() -> None:
+    chunk = {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}]}
+    reply = _http(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n", "text/event-stream")
+
+    async def run() -> tuple[dict[str, int], bool]:
+        async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(0.3)  # the client gives up before the upstream answers
+            writer.write(reply)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        engine = UpstreamEngine(_settings(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"))
+        engine.start()
+        try:
+            handle = engine.submit(_request())
+            opening = asyncio.ensure_future(handle.open())
+            await asyncio.sleep(0.1)
+            handle.cancel()
+            await opening
+            return engine.stats(), handle._response is not None and handle._response.is_closed
+        finally:
+            await asyncio.to_thread(engine.stop)
+            server.close()
+
+    stats, closed = asyncio.run(run())
+    assert stats == {"active": 0, "queued": 0}
+    assert closed  # the upstream's stream is not left open for nobody

@@ -105,7 +105,8 @@ class UpstreamHandle:
         except BaseException:
             self._release()
             raise
-        self._engine._opened()
+        if self._released:  # cancelled while connecting: close the stream nobody may read
+            await self._close()
 
     def cancel(self) -> None:
         """Stop generation: close the upstream stream (the upstream then stops its work) and free the slot."""
@@ -236,7 +237,6 @@ class UpstreamEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._handles: set[UpstreamHandle] = set()
-        self._streaming = 0
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ----- public API -----
@@ -274,8 +274,9 @@ class UpstreamEngine:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            total = len(self._handles)
-            return {"active": self._streaming, "queued": max(total - self._streaming, 0)}
+            # Derived, not counted: a handle cancelled while it connects never streams, and leaves no count.
+            active = sum(1 for handle in self._handles if handle._response is not None)
+            return {"active": active, "queued": len(self._handles) - active}
 
     def model_summary(self) -> dict[str, str | None]:
         """The upstream's model is only a name here: its dtype and quantisation are not known."""
@@ -307,16 +308,9 @@ class UpstreamEngine:
 
     # ----- internals -----
 
-    def _opened(self) -> None:
-        with self._lock:
-            self._streaming += 1
-
     def _release(self, handle: UpstreamHandle) -> None:
         with self._lock:
-            if handle in self._handles:
-                self._handles.discard(handle)
-                if handle._response is not None:
-                    self._streaming -= 1
+            self._handles.discard(handle)
 
     def _get_client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
