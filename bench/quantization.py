@@ -1,15 +1,18 @@
 """Quantisation benchmark (issue 15): INT8 / INT4 after the merge against the float model, one run.
 
     python bench/quantization.py [--train-steps 150] [--tokens 64]    # CPU: bench/results/quantization.json/.png
+    python bench/quantization.py --models glm3-512x8-trained         # only that row; the others stay
     python bench/quantization.py gpu-check --device cuda [--small] [--out DIR]   # bench/gpu_check.sh runs this
     PYTHONPATH=/tmp/qlibs python bench/quantization.py libraries   # the candidate libraries, where importable
 
-Models: the embedded default (random weights unless `make demo-model` ran), the same model briefly
-trained in this run on dialogue text (random weights give near-flat logits, which makes argmax
-agreement meaningless), and a larger ChatGLM3-layout GlmForCausalLM (hidden 512, 8 layers, 2 key/value
-groups, random). For each: weight bytes against fp32 and bf16, top-1 agreement of next-token logits
-on real Chinese dialogue text, greedy agreement over --tokens tokens, and decode tokens/s at batch 1
-and 8 against the unquantised model, per wall second and per CPU second of the process (the CPU is
+Models: the embedded default (random weights unless `make demo-model` ran) and a larger ChatGLM3-layout
+GlmForCausalLM (hidden 512, 8 layers, 2 key/value groups, qkv bias, partial rotary 0.5), each with
+random weights and briefly trained on dialogue text (random weights give near-flat logits, which makes
+argmax agreement meaningless). Training is seeded and its weights are cached under .cache/bench keyed by
+the starting weights, text and recipe, so reruns skip it; the larger model's row is skipped without
+shared/data/dialogues. For each: weight bytes against fp32 and bf16, top-1 agreement of next-token logits
+on held-out real Chinese dialogue text, greedy agreement over --tokens tokens, and decode tokens/s at batch
+1 and 8 against the unquantised model, per wall second and per CPU second of the process (the CPU is
 shared with other jobs; best of two interleaved rounds).
 """
 
@@ -19,9 +22,11 @@ import argparse
 import asyncio
 import copy
 import gc
+import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -97,11 +102,11 @@ def glm3_layout(vocab: int, pad: int, eos: int, hidden: int = 512, layers: int =
 
 
 def brief_training(model: Any, tokenizer: Any, texts: list[str], steps: int, seq: int = 128,
-                   batch: int = 8) -> dict[str, float]:
+                   batch: int = 8, lr: float = 2e-3, seed: int = 0) -> dict[str, float]:
     """Full-parameter AdamW on dialogue text, so that logits are peaked like a trained model's."""
     data = token_rows(tokenizer, texts, seq, steps * batch // 4 + batch, offset=200)
-    torch.manual_seed(0)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    torch.manual_seed(seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     started = time.perf_counter()
@@ -112,11 +117,38 @@ def brief_training(model: Any, tokenizer: Any, texts: list[str], steps: int, seq
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        if step == 0 or (step + 1) % 50 == 0:
+        if step == 0 or (step + 1) % 25 == 0:
             print(f"  train step {step + 1}/{steps}: loss {losses[-1]:.2f}", flush=True)
     model.eval()
-    return {"steps": steps, "loss_first": losses[0], "loss_last": sum(losses[-10:]) / min(10, len(losses)),
-            "seconds": time.perf_counter() - started}
+    return {"steps": steps, "seq": seq, "batch": batch, "lr": lr, "seed": seed, "loss_first": losses[0],
+            "loss_last": sum(losses[-10:]) / min(10, len(losses)), "seconds": time.perf_counter() - started}
+
+
+def _recipe_key(model: Any, texts: list[str], recipe: dict[str, Any]) -> str:
+    """Hash of the starting weights, the config, the text and the recipe: any change retrains."""
+    digest = hashlib.sha256(json.dumps([model.config.to_dict(), recipe], sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update("\n".join(texts).encode())
+    return digest.hexdigest()[:16]
+
+
+def trained_copy(model: Any, tokenizer: Any, texts: list[str], cache: Path, **recipe: Any) -> tuple[Any, dict]:
+    """`model` after brief_training(**recipe), cached under .cache/bench so that reruns skip the training."""
+    folder = cache / "bench" / f"quantization-trained-{_recipe_key(model, texts, recipe)}"
+    record = folder / "training.json"
+    if record.is_file():
+        print(f"  trained weights cached in {folder.name}", flush=True)
+        return float_model(folder), {**json.loads(record.read_text()), "cached": True}
+    trained = copy.deepcopy(model)
+    training = brief_training(trained, tokenizer, texts, **recipe)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    trained.save_pretrained(partial)
+    (partial / "training.json").write_text(json.dumps(training) + "\n")
+    os.replace(partial, folder)  # whole or absent: an interrupted run leaves no half-written cache
+    return trained, {**training, "cached": False}
 
 
 # ----- measurements -----
@@ -227,10 +259,15 @@ def chart(results: dict[str, Any], path: Path) -> None:
             ax.bar([x + i * width for x in range(len(models))], values, width, label=method)
         ax.set_xticks([x + width / 2 for x in range(len(models))], models, fontsize=7)
         ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Quantisation after the merge, {results['device']} ({results['date']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+MODELS = ("default", "default-trained", "glm3-512x8", "glm3-512x8-trained")
+LARGER = "ChatGLM3 layout as GlmForCausalLM: hidden 512, 8 layers, 8 heads, 2 kv groups, MLP 1664, qkv bias, " \
+    "partial rotary 0.5"
 
 
 def cpu_bench(args: argparse.Namespace) -> None:
@@ -242,27 +279,47 @@ def cpu_bench(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_dir)
-    trained_from = "demo-model (trained)" if default_dir.name == "demo-model" else "random weights"
+    out = Path(args.out)
+    selected = args.models or list(MODELS)
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "device": f"cpu ({os.cpu_count()} cores, shared)",
         "torch": torch.__version__, "python": platform.python_version(), "text": source,
         "command": "python bench/quantization.py " + " ".join(sys.argv[1:]), "models": {}}
-    results["models"]["default"] = measure(
-        "default", f"embedded default {default_dir.name} (GLM hidden 256, 4 layers, {trained_from})",
-        default, tokenizer, texts, args.tokens, args.speed_tokens)
-    trained = copy.deepcopy(default)
-    training = brief_training(trained, tokenizer, texts, args.train_steps)
-    results["models"]["default-trained"] = measure(
-        "default-trained", f"the default after {training['steps']} AdamW steps on {source} "
-        f"(loss {training['loss_first']:.2f} -> {training['loss_last']:.2f})", trained, tokenizer, texts,
-        args.tokens, args.speed_tokens)
-    results["models"]["default-trained"]["training"] = training
+    if args.models and out.is_file():  # a partial run replaces its rows and keeps the others
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        results["models"] = previous.get("models", {})
+        results["rows_from_earlier_runs"] = {name: previous.get("date") for name in results["models"]
+                                             if name not in selected}
+
+    def row(name: str, description: str, model: Any, training: dict[str, Any] | None = None) -> None:
+        results["models"][name] = measure(name, description, model, tokenizer, texts, args.tokens,
+                                          args.speed_tokens)
+        if training is not None:
+            results["models"][name]["training"] = training
+
+    trained_from = "demo-model (trained)" if default_dir.name == "demo-model" else "random weights"
+    if "default" in selected:
+        row("default", f"embedded default {default_dir.name} (GLM hidden 256, 4 layers, {trained_from})", default)
+    if "default-trained" in selected:
+        trained, training = trained_copy(default, tokenizer, texts, cache, steps=args.train_steps)
+        row("default-trained", f"the default after {training['steps']} AdamW steps on {source} "
+            f"(loss {training['loss_first']:.2f} -> {training['loss_last']:.2f})", trained, training)
+        del trained
     larger = glm3_layout(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    results["models"]["glm3-512x8"] = measure(
-        "glm3-512x8", "ChatGLM3 layout as GlmForCausalLM: hidden 512, 8 layers, 8 heads, 2 kv groups, "
-        "MLP 1664, random weights", larger, tokenizer, texts, args.tokens, args.speed_tokens)
+    if "glm3-512x8" in selected:
+        row("glm3-512x8", f"{LARGER}, random weights", larger)
+    if "glm3-512x8-trained" in selected:
+        if source != "shared/data/dialogues":  # the sample dialogues are too few to train on honestly
+            print("glm3-512x8-trained: skipped, shared/data/dialogues is absent", flush=True)
+            results["models"].pop("glm3-512x8-trained", None)
+        else:
+            trained, training = trained_copy(larger, tokenizer, texts, cache, steps=args.larger_train_steps,
+                                             seq=args.larger_train_seq)
+            row("glm3-512x8-trained", f"{LARGER}, after {training['steps']} AdamW steps of {training['batch']} x "
+                f"{training['seq']} tokens on {source} (loss {training['loss_first']:.2f} -> "
+                f"{training['loss_last']:.2f})", trained, training)
+    results["models"] = {name: results["models"][name] for name in MODELS if name in results["models"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out)
     out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     chart(results, out.with_suffix(".png"))
     print(f"wrote {out}")
@@ -464,7 +521,11 @@ def gpu_check(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--train-steps", type=int, default=150, help="AdamW steps for default-trained")
+    parser.add_argument("--larger-train-steps", type=int, default=60, help="AdamW steps for glm3-512x8-trained")
+    parser.add_argument("--larger-train-seq", type=int, default=64, help="its sequence length (batch 8)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
+                        help="only these rows; the others are kept from --out")
     parser.add_argument("--tokens", type=int, default=64, help="greedy agreement length")
     parser.add_argument("--speed-tokens", type=int, default=32, help="decoded tokens per speed measurement")
     parser.add_argument("--out", default=str(RESULTS / "quantization.json"))
