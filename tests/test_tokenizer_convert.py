@@ -312,3 +312,18 @@ def test_engine_streams_the_golden_greedy_answer_of_a_converted_chatglm3(tmp_pat
     tokenizer = loaded.tokenizer
     expected = process_answer(answer_kind(tokenizer), tokenizer.decode(case["greedy_12_ids"], skip_special_tokens=True))
     assert text == expected and text
+
+
+@pytest.mark.parametrize("tokenizer_text", [b"IQ== 0\nIg== 1\nIw== 2\n", b""])
+def test_a_tokenizer_model_that_is_not_sentencepiece_fails_the_conversion_before_the_weights(
+        tokenizer_text: bytes, tmp_path: Path) -> None:
+    from llm.convert import ConversionError, convert
+
+    source = tmp_path / "source"
+    shutil.copytree(original_checkpoint("chatglm3-6b"), source, ignore=shutil.ignore_patterns("lora", "ptuning"))
+    (source / "tokenizer.model").write_bytes(tokenizer_text)  # a tiktoken rank file (GLM-4), or an empty one
+    # A weight file it would stumble on: the tokenizer must be looked at first.
+    (source / "pytorch_model-00002-of-00002.bin").write_bytes(b"truncated")
+    with pytest.raises(ConversionError, match="is not a SentencePiece model"):
+        convert(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -119,6 +119,7 @@ def convert(source: Path, out: Path, *, adapter: Path | None = None, progress: b
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
+        _write_tokenizer(source, family, config, partial)  # first: a tokenizer it cannot read fails in seconds
         writer = ShardWriter(partial, max_shard_bytes)
         count = 0
         # A single file has no index: the bar counts up without a total.
@@ -143,14 +144,13 @@ def convert(source: Path, out: Path, *, adapter: Path | None = None, progress: b
         shards = writer.finish()
         (partial / "config.json").write_text(json.dumps(converted_config, indent=2, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
-        _write_tokenizer(source, family, config, partial)
         seconds = time.perf_counter() - start
         info = {"converter_version": CONVERTER_VERSION, "family": family.name, "source": str(source.resolve()),
                 "adapter": str(Path(adapter).resolve()) if adapter else None, "tensors": count,
                 "shards": len(shards), "seconds": round(seconds, 3)}
         (partial / CONVERSION_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
-    except (ShardError, AdapterError, ValueError) as exc:
+    except (ShardError, AdapterError, ValueError, FileNotFoundError) as exc:  # FileNotFoundError: no tokenizer
         shutil.rmtree(partial, ignore_errors=True)
         raise ConversionError(str(exc)) from exc
     except BaseException:

@@ -138,10 +138,20 @@ def chatglm3_template(dummy_prefix: bool) -> str:
 
 
 def _load_proto(path: Path) -> Any:
+    from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(path.read_bytes())
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except DecodeError as exc:
+        proto.Clear()
+        detail = f" ({exc})"
+    else:
+        detail = ""
+    if not proto.pieces:  # e.g. an original GLM-4 directory (model_type chatglm too): tiktoken's file
+        raise ValueError(f"{path} is not a SentencePiece model{detail}; if this is an original GLM-4 directory "
+                         "(tiktoken tokenizer), serve its -hf release, which transformers loads as it is")
     return proto
 
 
