@@ -389,13 +389,15 @@ class LocalEngine:
             self._emit(rows[0], PromptLogprobs(self._prompt_logprobs(rows[0], out.logits[0])))
         logits = self._suppress_eos(out.logits[:, -1, :], rows)
         tokens = sample(logits, self._row_sampling(rows), None, self._uniforms(rows))
+        logprobs = self._token_logprobs(rows, out.logits[:, -1, :], tokens)
         cache = _output_cache(out)
         first = torch.cat([self.positions.first(r.prompt_ids, self.device) for r in rows], dim=0)
+        # Nothing that can fail comes after the rows join (`_accept` guards itself): a failed group is retried
+        # row by row (_guarded), and a row already in the batch would then be there twice.
         self._batch.add([(layer.keys, layer.values) for layer in cache.layers], mask, first, tokens)
         self._rows.extend(rows)
         self._sampling = None
         now = time.perf_counter()
-        logprobs = self._token_logprobs(rows, out.logits[:, -1, :], tokens)
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             row.first_token_at = now
             if row.request.params.max_new_tokens <= 0:  # echo only: the prompt's logprobs were all it asked
