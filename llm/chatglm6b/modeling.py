@@ -102,7 +102,7 @@ class ChatGLM6BAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = config.head_dim
         self.two_d = config.position_encoding_2d
         self.config = config
         inner = self.num_heads * self.head_dim
@@ -218,9 +218,8 @@ class ChatGLM6BModel(ChatGLM6BPreTrainedModel):
             if input_ids is None:
                 raise ValueError("ChatGLM-6B positions come from the ids: pass position_ids with inputs_embeds")
             position_ids = chatglm6b_position_ids(input_ids, attention_mask, SpecialIds.of(self.config))
-        head_dim = self.config.hidden_size // self.config.num_attention_heads
-        rotary = rotary_tables(position_ids.to(inputs_embeds.device), head_dim, self.config.position_encoding_2d,
-                               inputs_embeds.dtype)
+        rotary = rotary_tables(position_ids.to(inputs_embeds.device), self.config.head_dim,
+                               self.config.position_encoding_2d, inputs_embeds.dtype)
         allowed = attention_allowed(input_ids, attention_mask, batch, length, past, self.config.bos_token_id,
                                     inputs_embeds.device)
         want_hidden = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
