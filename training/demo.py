@@ -3,7 +3,7 @@
 A randomly initialised model cannot learn a language through LoRA r=8 alone (a rank-8 update of q and v
 leaves the embeddings, MLPs and output head random), so the demo runs in two stages:
 
-1. demo pretrain — full training of the tiny GLM (service/tiny_model.py, ~6.6M params) on all dialogues,
+1. demo pretrain — full training of the tiny GLM (llm/tiny_model.py, ~6.6M params) on all dialogues,
    plain prompts, AdamW with cosine decay over a time budget. This stands in for ChatGLM-6B's pretraining.
 2. the paper's LoRA recipe on top (r=8, alpha=16, dropout 0.1, q_proj+v_proj, Lion, batch 4, max_len 512,
    max_target 100) on the doctor dialogues, half the prompts carrying the prompt designer's disease brief so
