@@ -144,29 +144,47 @@ def test_completions_need_a_key_when_keys_are_on(cache_dir: Path, default_model_
     assert keyed.status_code == 200 and keyed.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_the_answer_limit_holds_and_a_refused_prompt_frees_the_ones_queued_before_it(
-        cache_dir: Path, default_model_dir: Path, tmp_path: Path) -> None:
-    from tests.api_support import metric_samples
+@pytest.fixture(scope="module")
+def unguarded(cache_dir: Path, default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Long answers that do not stop early: no repetition guard, room for 1000 tokens."""
     from tests.server import start_server
 
-    running = start_server(cache_dir, tmp_path, {"DOCTORGLM_MAX_NEW_TOKENS": "1024",
-                                                 "DOCTORGLM_CONTEXT_TOKENS": "2048",
-                                                 "DOCTORGLM_REPETITION_GUARD": "0"})
-    try:
-        over = httpx.post(running.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 1025}, timeout=30)
-        # Fifteen short prompts queue, then the last one is over the budget (2048 - 1000 tokens).
-        prompts = [[5, 6, 7]] * 15 + [[5] * 1049]
-        refused = httpx.post(running.url + "/v1/completions", timeout=60,
-                             json={"prompt": prompts, "max_tokens": 1000, "min_tokens": 1000, "temperature": 0})
-        deadline, busy = time.monotonic() + 2.0, 1.0
-        while time.monotonic() < deadline:
-            samples = metric_samples(running.url)
-            busy = samples["doctorglm_active_streams"][0].value + samples["doctorglm_queued_requests"][0].value
-            if busy == 0:
-                break
-            time.sleep(0.05)
-    finally:
-        running.stop()
+    running = start_server(cache_dir, tmp_path_factory.mktemp("unguarded"), {
+        "DOCTORGLM_MAX_NEW_TOKENS": "1024", "DOCTORGLM_CONTEXT_TOKENS": "2048", "DOCTORGLM_REPETITION_GUARD": "0"})
+    yield running
+    running.stop()
+
+
+def engine_busy_after(url: str, seconds: float = 2.0) -> float:
+    """Rows generating + requests queued, once they reach 0 or after `seconds`."""
+    from tests.api_support import metric_samples
+
+    deadline, busy = time.monotonic() + seconds, 1.0
+    while time.monotonic() < deadline:
+        samples = metric_samples(url)
+        busy = samples["doctorglm_active_streams"][0].value + samples["doctorglm_queued_requests"][0].value
+        if busy == 0:
+            break
+        time.sleep(0.05)
+    return busy
+
+
+def test_the_answer_limit_holds_and_a_refused_prompt_frees_the_ones_queued_before_it(unguarded) -> None:
+    over = httpx.post(unguarded.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 1025}, timeout=30)
     assert over.status_code == 422 and "1024" in over.json()["error"]["message"]
+    # Fifteen short prompts queue, then the last one is over the budget (2048 - 1000 tokens).
+    prompts = [[5, 6, 7]] * 15 + [[5] * 1049]
+    refused = httpx.post(unguarded.url + "/v1/completions", timeout=60,
+                         json={"prompt": prompts, "max_tokens": 1000, "min_tokens": 1000, "temperature": 0})
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "prompt_too_long"
-    assert busy == 0  # the fifteen queued prompts were cancelled, not left generating 1000 tokens each
+    assert engine_busy_after(unguarded.url) == 0  # the fifteen were cancelled, not left generating 1000 tokens
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": [[5, 6, 7]] * 16, "max_tokens": 1000, "min_tokens": 1000, "temperature": 0}),
+    ("/chat", {"prompt": "头痛", "max_new_tokens": 1000, "min_new_tokens": 1000, "temperature": 0}),
+])
+def test_a_client_that_leaves_a_non_streamed_answer_frees_its_rows(unguarded, path: str, body: dict) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(unguarded.url + path, json=body, timeout=httpx.Timeout(30, read=0.5))
+    assert engine_busy_after(unguarded.url) == 0  # noticed within the poll, not after 16 x 1000 tokens

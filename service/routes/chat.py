@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,13 +12,11 @@ from sse_starlette import EventSourceResponse
 from ..auth import require_api_key
 from ..conversation import ChatInput, ChatStart, clock, run_chat, start_chat
 from ..engine.types import ChatTurn, SamplingParams
-from ..errors import APIError
 from ..runtime import Runtime
 from ..schemas import CHAT_ERRORS, SSE_CONTENT, ChatRequest, ChatResponse, error_responses
-from .deps import get_runtime, request_id
+from .deps import get_runtime, request_id, unless_disconnected
 
 router = APIRouter(tags=["chat"])
-DISCONNECT_POLL_S = 0.25
 SSE_PING_S = 5
 
 
@@ -73,12 +69,9 @@ def full_answer(start: ChatStart, text: str) -> str:
     return "\n\n".join(p for p in (answer_head(start), text.strip(), answer_tail(start)) if p)
 
 
-async def collect(runtime: Runtime, start: ChatStart, request: Request | None = None) -> tuple[str, dict[str, Any]]:
+async def collect(runtime: Runtime, start: ChatStart, request: Request) -> tuple[str, dict[str, Any]]:
     """Run a chat to the end; returns (text, done payload) or raises APIError on an error event.
-
-    Without streaming no send fails when the client leaves, so the request is polled for a disconnect
-    and generation is cancelled (run_chat's cleanup frees the engine row) instead of running to the end.
-    """
+    A client that leaves cancels it (run_chat's cleanup frees the engine row)."""
 
     async def consume() -> tuple[str, dict[str, Any]]:
         done: dict[str, Any] = {}
@@ -90,15 +83,7 @@ async def collect(runtime: Runtime, start: ChatStart, request: Request | None = 
                 done = payload
         return "".join(start.text), done
 
-    task = asyncio.ensure_future(consume())
-    while request is not None and not task.done():
-        await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
-        if not task.done() and await request.is_disconnected():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise APIError(499, "client_closed", "the client closed the connection")
-    return await task
+    return await unless_disconnected(consume(), request)
 
 
 @router.post("/chat", response_model=ChatResponse,

@@ -52,7 +52,7 @@ from ..schemas import (
     top_p_field,
 )
 from .chat import SSE_PING_S
-from .deps import get_runtime, request_id
+from .deps import get_runtime, request_id, unless_disconnected
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -185,7 +185,7 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
                                    headers={"X-Accel-Buffering": "no"})
     runtime.stream_opened()
     try:
-        await asyncio.gather(*(_collect(c) for c in choices))
+        await unless_disconnected(asyncio.gather(*(_collect(c) for c in choices)), request)
     finally:
         runtime.stream_closed()
         for choice in choices:
