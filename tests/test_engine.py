@@ -17,6 +17,7 @@ from service.engine.types import (
     ChatTurn,
     Finished,
     GenerationRequest,
+    NotSupported,
     PromptTooLong,
     QueueFull,
     SamplingParams,
@@ -237,6 +238,10 @@ def test_remote_code_model_needs_opt_in_then_streams_serially(model_dirs: dict[s
         expected = loaded.tokenizer.decode(ids[0, -12:], skip_special_tokens=True)
         assert done_a.completion_tokens == done_b.completion_tokens == 12
         assert text_a == expected
+        # Echo is refused rather than answered without the prompt (the serial prefill cannot give it).
+        with pytest.raises(NotSupported, match="batched path"):
+            eng.prepare(GenerationRequest(message="头痛", raw=True,
+                                          params=SamplingParams(max_new_tokens=0, prompt_logprobs=True)))
     finally:
         eng.stop()
 

@@ -39,6 +39,7 @@ from .types import (
     Finished,
     GenerationRequest,
     InvalidPrompt,
+    NotSupported,
     PromptLogprobs,
     PromptTooLong,
     QueueFull,
@@ -205,6 +206,10 @@ class LocalEngine:
 
     def prepare(self, request: GenerationRequest) -> list[int]:
         """Prompt ids within the budget (raises PromptTooLong for a message too long on its own)."""
+        if request.params.prompt_logprobs and not self.batched:
+            # The serial path's prefill keeps only the last position's logits and always samples a token.
+            raise NotSupported("echo (the prompt's log-probabilities) needs a model on the batched path; "
+                               "this model's cache is not a transformers DynamicCache")
         budget = self.context_tokens - request.params.max_new_tokens
         if request.raw_ids is not None:
             ids = list(request.raw_ids)
