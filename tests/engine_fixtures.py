@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from service.engine.types import ChatTurn, Finished, GenerationRequest, SamplingParams, TokenDelta
+
+
+async def collect(eng: Any, message: str, params: SamplingParams,
+                  history: list[ChatTurn] | None = None) -> tuple[str, Finished]:
+    """One request through an engine: its whole text and its Finished event."""
+    text, done = "", None
+    async for event in eng.stream(GenerationRequest(message=message, history=history or [], params=params)):
+        if isinstance(event, TokenDelta):
+            text += event.text
+        else:
+            done = event
+    assert done is not None
+    return text, done
 
 REMOTE_CONFIG = '''
 from transformers import PretrainedConfig

@@ -24,7 +24,7 @@ from service.engine.types import (
     TokenDelta,
 )
 
-from .engine_fixtures import write_remote_code_model
+from .engine_fixtures import collect, write_remote_code_model
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +40,6 @@ def engine(model_dirs: dict[str, Path]):
     eng.start()
     yield eng
     eng.stop()
-
-
-async def collect(eng: LocalEngine, message: str, params: SamplingParams, history=None) -> tuple[str, Finished]:
-    text, done = "", None
-    async for event in eng.stream(GenerationRequest(message=message, history=history or [], params=params)):
-        if isinstance(event, TokenDelta):
-            text += event.text
-        else:
-            done = event
-    assert done is not None
-    return text, done
 
 
 GREEDY = SamplingParams(max_new_tokens=24, min_new_tokens=24, temperature=0.0)

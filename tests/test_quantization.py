@@ -26,9 +26,10 @@ from llm.quantize import (
     weight_bytes,
 )
 from service.engine.local import LocalEngine
-from service.engine.types import Finished, GenerationRequest, SamplingParams, TokenDelta
+from service.engine.types import Finished, SamplingParams
 from tests.api_support import QUESTION, sse_events
 from tests.conftest import CHATGLM_FAMILIES, REPO_ROOT, original_checkpoint
+from tests.engine_fixtures import collect
 from tests.server import free_port, start_server
 
 METHODS = ("int8", "int4")
@@ -120,19 +121,9 @@ def test_quantised_model_streams_on_the_batched_path(default_model_dir: Path, me
     engine.start()
     params = SamplingParams(max_new_tokens=12, min_new_tokens=12, temperature=0.0)
 
-    async def one(message: str) -> tuple[str, Finished]:
-        text, done = "", None
-        async for event in engine.stream(GenerationRequest(message=message, history=[], params=params)):
-            if isinstance(event, TokenDelta):
-                text += event.text
-            else:
-                done = event
-        assert done is not None
-        return text, done
-
     async def scenario() -> tuple[list[tuple[str, Finished]], tuple[str, Finished]]:
-        together = await asyncio.gather(*(one(m) for m in ("头痛", "发烧咳嗽", "胃痛三天")))
-        return together, await one("发烧咳嗽")
+        together = await asyncio.gather(*(collect(engine, m, params) for m in ("头痛", "发烧咳嗽", "胃痛三天")))
+        return together, await collect(engine, "发烧咳嗽", params)
 
     try:
         together, alone = asyncio.run(scenario())
