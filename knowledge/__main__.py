@@ -1,4 +1,4 @@
-"""CLI: python -m knowledge build|search|eval|import (run with --help for each)."""
+"""CLI: python -m knowledge build|search|dialogues|eval|import (run with --help for each)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,20 @@ from pathlib import Path
 DEFAULT_CACHE = Path(".cache/knowledge")
 
 
-def _retriever(args: argparse.Namespace, progress: bool = True):
+def _dialogues(args: argparse.Namespace) -> Path | bool:
+    """--dialogues: 'auto' (a dialogues/ folder beside the library), 'none', or a folder."""
+    value = getattr(args, "dialogues", "auto")
+    return True if value == "auto" else False if value == "none" else Path(value)
+
+
+def _retriever(args: argparse.Namespace, progress: bool = True, dialogues: Path | bool | None = None,
+               rebuild_view: bool = False):
     from knowledge.search import Retriever, SearchSettings
 
     settings = SearchSettings(mode=getattr(args, "mode", "fielded"))
     return Retriever.load_or_build(Path(args.library), Path(args.cache_dir), progress=progress,
-                                   settings=settings)
+                                   settings=settings, rebuild_view=rebuild_view,
+                                   dialogues=_dialogues(args) if dialogues is None else dialogues)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -46,11 +54,27 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dialogues(args: argparse.Namespace) -> int:
+    r = _retriever(args, rebuild_view=args.rebuild)
+    if r.view is None:
+        print(f"no dialogues folder beside {r.library_path} (give --dialogues DIR)", file=sys.stderr)
+        return 1
+    print(r.view.summary(r.index.meta.names))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from knowledge.dialogue_view import lay_dev_cases
     from knowledge.evaluate import evaluate
 
-    r = _retriever(args)
-    out = evaluate(r, Path(args.data), Path(args.label_map) if args.label_map else None, split=args.split,
+    data: Path | list[dict] = Path(args.data)
+    if data.is_dir():  # a dialogues folder: its held-out questions that do not name their disease
+        r = _retriever(args, dialogues=data)
+        assert r.view is not None
+        data = lay_dev_cases(r.view, r.index.meta.names, r.index.meta.aliases)
+    else:
+        r = _retriever(args)
+    out = evaluate(r, data, Path(args.label_map) if args.label_map else None, split=args.split,
                    form=args.form)
     print(f"[{args.form}, split {args.split}] "
           f"n={out['n']}  top-1={out['top1']:.1%}  top-5={out['top5']:.1%}  MRR={out['mrr']:.3f}  "
@@ -82,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--library", required=True, help="disease library JSONL")
         p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="index cache folder")
         p.add_argument("--mode", choices=("fielded", "plain"), default="fielded")
+        p.add_argument("--dialogues", default="auto",
+                       help="dialogue JSONL folder for the patients' view: auto (dialogues/ beside the "
+                            "library, if any), none, or a folder")
 
     p = sub.add_parser("build", help="build (or load) the cached index")
     common(p)
@@ -94,9 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--brief", type=int, default=0, help="also print a brief of this many characters")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser("dialogues", help="build (or load) the dialogue view and summarise it")
+    common(p)
+    p.add_argument("--rebuild", action="store_true", help="rebuild even when cached")
+    p.set_defaults(func=cmd_dialogues)
     p = sub.add_parser("eval", help="top-1 / top-5 / MRR on {query, label_disease} JSONL")
     common(p)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True,
+                   help="labelled JSONL, or a dialogues folder (its held-out questions that do not name "
+                        "their disease; the view is built from the others)")
     p.add_argument("--label-map", default=None)
     p.add_argument("--split", choices=("all", "a", "b"), default="all",
                    help="a = tuning half, b = held-out half of the file (fixed seed)")

@@ -25,6 +25,7 @@ import ahocorasick
 import bm25s
 import numpy as np
 
+from knowledge.dialogue_view import DialogueView, default_folder
 from knowledge.evidence import EvidenceTable, EvidenceWeights
 from knowledge.index import IndexSettings, LibraryIndex
 from knowledge.patient import PatientContext
@@ -106,6 +107,15 @@ class SearchSettings:
     # customary 60, not tuned). Children: off, their common infections need the priors. Emergencies: off.
     fusion_depth: int = 5
     fusion_k: float = 60.0
+    # The dialogue view (knowledge/dialogue_view.py), when the retriever has one: a prior per log1p of
+    # the patients' questions about a disease, and BM25 of the complaint against the disease's patients'
+    # words (normalised by its best score, as the fielded score is).
+    w_view_prior: float = 0.0
+    view_prior_cap: int = 1_000_000  # questions counted at most (one department's favourite must not rule)
+    view_prior_replaces: bool = False  # for a patient not identified as a child: instead of the scraped priors
+    w_view_words: float = 0.5
+    view_children: bool = False  # the view also for a patient identified as a child
+    view_fused: bool = True  # the patients' words ranking as a third view in the rank fusion
 
 
 @dataclass
@@ -142,9 +152,11 @@ _MATCH_FIELDS = ("name", "aliases", "symptoms", "description", "diagnosis")
 class Retriever:
     """Search over one library. Build with `Retriever.load_or_build`."""
 
-    def __init__(self, index: LibraryIndex, settings: SearchSettings | None = None) -> None:
+    def __init__(self, index: LibraryIndex, settings: SearchSettings | None = None,
+                 view: DialogueView | None = None) -> None:
         self.index = index
         self.settings = settings or SearchSettings()
+        self.view = view
         m = index.meta
         prev = np.where(np.isnan(m.prevalence), self.settings.default_prevalence, m.prevalence)
         self._prev_prior = self.settings.w_prevalence * np.log10(np.clip(prev, 1e-4, self.settings.prevalence_cap))
@@ -214,9 +226,16 @@ class Retriever:
     @classmethod
     def load_or_build(cls, library_path: Path, cache_dir: Path, progress: bool = True,
                       settings: SearchSettings | None = None,
-                      index_settings: IndexSettings | None = None) -> Retriever:
+                      index_settings: IndexSettings | None = None,
+                      dialogues: Path | bool = True, rebuild_view: bool = False) -> Retriever:
+        """The cached index (and dialogue view) of a library. ``dialogues``: a folder of dialogue JSONL
+        files for the view; True (default) takes a `dialogues/` folder beside the library file if there
+        is one; False: no view."""
         index = LibraryIndex.load_or_build(Path(library_path), Path(cache_dir), index_settings, progress)
-        return cls(index, settings)
+        folder = default_folder(index.library_path) if dialogues is True else (dialogues or None)
+        view = None if folder is None else DialogueView.load_or_build(
+            index, Path(folder), Path(cache_dir), progress, rebuild=rebuild_view)
+        return cls(index, settings, view)
 
     @property
     def size(self) -> int:
@@ -309,6 +328,16 @@ class Retriever:
         current.negated = list(dict.fromkeys(current.negated))
         return Counter({t: v for t, v in weights.items() if v > 0}), current, named
 
+    def _view_weights(self, weights: Counter[str], current: QueryTerms) -> dict[str, float]:
+        """The complaint's words for the patients' words field: the search words, plus the current turn's
+        everyday words that the generic-word filter drops for the library (as the view was built)."""
+        out = dict(weights)
+        negated = set(current.negated)
+        for t in current.terms:
+            if len(t) >= 2 and t not in out and t not in negated:
+                out[t] = 1.0
+        return out
+
     def _variants(self, word: str) -> tuple[str, ...]:
         """Symptom-list variants of a prose-only word (knowledge/synonyms.py): 流涕 -> 流鼻涕."""
         if len(word) < 2 or self._df("symptoms", word):  # a word the symptom lists use is matched as it is
@@ -374,8 +403,11 @@ class Retriever:
 
     def _priors(self, rows: np.ndarray, cues: PatientCues) -> np.ndarray:
         s, m = self.settings, self.index.meta
-        prior = (self._prev_prior[rows] + s.w_mentions * self._log_mentions[rows]
-                 - s.w_symptom_entry * self._symptom_entry[rows])
+        scraped = self._prev_prior[rows] + s.w_mentions * self._log_mentions[rows]
+        if self.view is not None and s.w_view_prior and (s.view_children or not cues.child):
+            asked = s.w_view_prior * np.log1p(np.minimum(self.view.counts[rows], s.view_prior_cap))
+            scraped = asked if s.view_prior_replaces and not cues.child else scraped + asked
+        prior = scraped - s.w_symptom_entry * self._symptom_entry[rows]
         child, child_only = m.child[rows], m.child_only[rows]
         if cues.child:
             prior += s.w_child_match * child - s.w_child_mismatch * m.adult_only[rows]
@@ -435,6 +467,13 @@ class Retriever:
                 final = np.multiply(bm, 1 / top, out=bm)
                 final += np.multiply(cov, s.w_coverage, out=cov)
                 final += self._all_priors(cues)
+                heard = None  # the patients' words part of the score
+                if self.view is not None and s.w_view_words and (s.view_children or not cues.child):
+                    said = self.view.word_scores(self._view_weights(weights, current), self.size)
+                    best = said.max()
+                    if best > 0:
+                        heard = np.multiply(said, s.w_view_words / best, out=said)
+                        final += heard
                 bonus = self._name_bonus(named)
                 for r, value in self._suspect_rows(suspects).items():
                     bonus[r] = max(bonus.get(r, 0.0), value)
@@ -448,9 +487,14 @@ class Retriever:
                 rows = rows[np.isfinite(final[rows])]
                 final = final[rows]
                 gap = final[0] - final[1] if len(final) > 1 else np.inf
+                if heard is not None and len(rows) > 1:
+                    # Confidence reads the library's evidence alone: the patients' words lift a disease
+                    # many patients ask about without telling it apart from its neighbours.
+                    gap -= heard[rows[0]] - heard[rows[1]]
                 if s.fusion_depth and not cues.child and not suspects and len(rows) > 1:
                     listed = "、".join(patient.symptoms) if patient is not None else ""
-                    rows, final, agreed = self._fuse(" ".join(t for t in (query, listed) if t), rows)
+                    rows, final, agreed = self._fuse(" ".join(t for t in (query, listed) if t), rows,
+                                                     heard if s.view_fused else None)
                 rows, final = rows[:k], final[:k]
             else:
                 rows, final = np.zeros(0, dtype=int), np.zeros(0)
@@ -466,7 +510,8 @@ class Retriever:
         return SearchResult(query=query, keywords=keywords, hits=hits, confident=confident and bool(hits),
                             latency_ms=latency, negated=negated, cues=cues.as_dict())
 
-    def _fuse(self, text: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    def _fuse(self, text: str, rows: np.ndarray, heard: np.ndarray | None = None,
+              ) -> tuple[np.ndarray, np.ndarray, bool]:
         """Reciprocal-rank fusion (1/(K + rank), K = 60 as Cormack et al. 2009) of the fielded ranking and
         plain BM25 over the first `fusion_depth` rows; later rows keep their order. Returns the rows, their
         fused scores (never rising down the list) and whether the fused first is the fielded first."""
@@ -474,6 +519,9 @@ class Retriever:
         plain = self.plain_scores(self.plain_tokens(text))
         ranks = np.array([(plain > plain[r]).sum() if plain[r] > 0 else self.size for r in rows.tolist()])
         fused = 1 / (s.fusion_k + 1 + np.arange(len(rows))) + 1 / (s.fusion_k + 1 + ranks)
+        if heard is not None:  # the patients' words, a third view
+            view_ranks = np.array([(heard > heard[r]).sum() if heard[r] > 0 else self.size for r in rows.tolist()])
+            fused += 1 / (s.fusion_k + 1 + view_ranks)
         depth = min(s.fusion_depth, len(rows))
         order = np.concatenate([np.argsort(-fused[:depth], kind="stable"), np.arange(depth, len(rows))])
         return rows[order], np.minimum.accumulate(fused[order]), bool(order[0] == 0)
