@@ -72,6 +72,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         r = _retriever(args, dialogues=data)
         assert r.view is not None
         data = lay_dev_cases(r.view, r.index.meta.names, r.index.meta.aliases)
+        if args.dialogues == "none":  # the same questions, searched without the view
+            r = type(r)(r.index, r.settings)
     else:
         r = _retriever(args)
     out = evaluate(r, data, Path(args.label_map) if args.label_map else None, split=args.split,
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     common(p)
     p.add_argument("--data", required=True,
                    help="labelled JSONL, or a dialogues folder (its held-out questions that do not name "
-                        "their disease; the view is built from the others)")
+                        "their disease; the view is built from the others; with --dialogues none they are "
+                        "searched without it)")
     p.add_argument("--label-map", default=None)
     p.add_argument("--split", choices=("all", "a", "b"), default="all",
                    help="a = tuning half, b = held-out half of the file (fixed seed)")

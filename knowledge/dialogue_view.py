@@ -40,8 +40,11 @@ if TYPE_CHECKING:
     from knowledge.index import LibraryIndex
     from knowledge.search import Retriever
 
-VIEW_VERSION = 1  # bump when the labelling, the split or the stored layout changes
+VIEW_VERSION = 2  # bump when the labelling, the split or the stored layout changes
 DEV_MOD = 5  # a question whose text hash is 0 mod DEV_MOD is held out: 20%
+# BM25 of the patients' words field. b = 1: a field's length is how many patients asked (1 to 1,400
+# questions), not verbosity, so it is normalised fully; the words' share among a disease's patients counts.
+VIEW_K1, VIEW_B = 1.5, 1.0
 # A mention is negated when its clause says so just before it (不是胃炎, 排除肺炎, 没有高血压).
 NEGATION_BEFORE = ("不是", "不像", "不会是", "不属于", "并非", "并不是", "排除", "除外", "没有", "无", "否认", "未见",
                    "不考虑", "不用担心", "不必担心", "非")
@@ -85,7 +88,7 @@ def dialogue_files(folder: Path) -> list[Path]:
 def dialogues_hash(folder: Path) -> str:
     """Content hash of the dialogue files, their names, the code version and the word lists the query
     processing reads (lay terms, body parts…): any change rebuilds the view."""
-    h = hashlib.sha256(f"view{VIEW_VERSION}:{DEV_MOD}".encode())
+    h = hashlib.sha256(f"view{VIEW_VERSION}:{DEV_MOD}:{VIEW_K1}:{VIEW_B}".encode())
     for p in dialogue_files(folder):
         h.update(p.name.encode())
         with p.open("rb") as fh:
@@ -223,7 +226,7 @@ class DialogueView:
         doc_rows = np.array(sorted(words), dtype=np.int32)
         model = None
         if len(doc_rows):
-            model = bm25s.BM25(k1=index.settings.k1, b=index.settings.b, method="robertson")
+            model = bm25s.BM25(k1=VIEW_K1, b=VIEW_B, method="robertson")
             model.index([words[int(r)] for r in doc_rows], show_progress=False)
         names = base.index.meta.names
         dev = [{"query": x.question, "label_disease": names[x.row], "source": x.source}

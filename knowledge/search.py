@@ -512,8 +512,9 @@ class Retriever:
 
     def _fuse(self, text: str, rows: np.ndarray, heard: np.ndarray | None = None,
               ) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Reciprocal-rank fusion (1/(K + rank), K = 60 as Cormack et al. 2009) of the fielded ranking and
-        plain BM25 over the first `fusion_depth` rows; later rows keep their order. Returns the rows, their
+        """Reciprocal-rank fusion (1/(K + rank), K = 60 as Cormack et al. 2009) of the fielded ranking,
+        plain BM25 and, when given, the patients' words over the first `fusion_depth` rows; later rows
+        keep their order. Returns the rows, their
         fused scores (never rising down the list) and whether the fused first is the fielded first."""
         s = self.settings
         plain = self.plain_scores(self.plain_tokens(text))
