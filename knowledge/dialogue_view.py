@@ -3,13 +3,12 @@ with the library disease their answer names.
 
 Where a doctor's answer (or the question's title, or the question's own hedge "是不是X") names a library
 disease (name or alias, longest match, not negated, not an entry named after a bare symptom), the question
-is a patient's own description of that disease. From those labels, built deterministically:
-
-* **a real-world commonness prior**: how often patients' conversations are about each disease
-  (log1p of the count), beside the library's scraped prevalence and complication counts;
-* **a "patients' words" field**: the search words of a disease's questions (the search's own query
-  processing, plus the everyday words the library never uses, so 烧心 or 胀得难受 reach the disease whose
-  patients say them), scored with BM25 against the complaint.
+is a patient's own description of that disease. From those labels, built deterministically: a "patients'
+words" field per disease, the search words of its questions (the search's own query processing, plus the
+everyday words the library never uses, so 胀鼓鼓 or 烧得慌 reach the disease whose patients say them), which
+`Retriever.search` scores with BM25 against the complaint of a patient not identified as a child. The
+question count per disease is kept too (`counts`, printed by `python -m knowledge dialogues`); as a
+commonness prior it lowered the adult probe at every weight tried (docs/retrieval.md), so it is not used.
 
 The questions are split by a stable hash of their text: one in `DEV_MOD` is held out ("dialogue lay" eval
 set, `python -m knowledge eval --data <dialogues folder>`) and never enters the view.

@@ -5,9 +5,11 @@ and cached, so one bincount scores a query), plus an IDF-weighted coverage of th
 plus priors from the library's own fields: prevalence, commonness (how many other documents list the
 disease as a complication) and department / susceptible people vs. patient cues (from the text, or from
 a structured `PatientContext`: listed symptoms are searched as symptoms, denied ones are removed as the
-text's negated words are, a stated age or sex replaces the guessed one). Unless the patient is a child
-or a red-flag rule names suspects, the first `fusion_depth` results are re-ordered by reciprocal-rank
-fusion with plain BM25. `mode="plain"` is classic single-field BM25 (equal to rank-bm25 BM25Okapi with
+text's negated words are, a stated age or sex replaces the guessed one). For a patient not identified as
+a child, a dialogue view (knowledge/dialogue_view.py), when there is one, adds BM25 of the complaint
+against each disease's patients' words; unless a red-flag rule names suspects, the first `fusion_depth`
+results are then re-ordered by reciprocal-rank fusion with plain BM25 (and the patients' words ranking).
+`mode="plain"` is classic single-field BM25 (equal to rank-bm25 BM25Okapi with
 epsilon=0), kept for benchmarks and as a reference.
 """
 
@@ -107,15 +109,13 @@ class SearchSettings:
     # customary 60, not tuned). Children: off, their common infections need the priors. Emergencies: off.
     fusion_depth: int = 5
     fusion_k: float = 60.0
-    # The dialogue view (knowledge/dialogue_view.py), when the retriever has one: a prior per log1p of
-    # the patients' questions about a disease, and BM25 of the complaint against the disease's patients'
-    # words (normalised by its best score, as the fielded score is).
-    w_view_prior: float = 0.0
-    view_prior_cap: int = 1_000_000  # questions counted at most (one department's favourite must not rule)
-    view_prior_replaces: bool = False  # for a patient not identified as a child: instead of the scraped priors
+    # The dialogue view (knowledge/dialogue_view.py), when the retriever has one, for a patient not
+    # identified as a child: BM25 of the complaint against each disease's patients' words, normalised by
+    # its best score as the fielded score is, and that ranking as a third view in the fusion. Chosen on
+    # dxy_dev half a, the tuned adult probe and the held-out dialogue questions (docs/retrieval.md).
     w_view_words: float = 0.5
-    view_children: bool = False  # the view also for a patient identified as a child
-    view_fused: bool = True  # the patients' words ranking as a third view in the rank fusion
+    view_children: bool = False  # also for children (half a: free text top-1 37.0% -> 33.2%)
+    view_fused: bool = True  # the third fusion view (off: half a top-1 37.0% -> 36.0%)
 
 
 @dataclass
@@ -403,11 +403,8 @@ class Retriever:
 
     def _priors(self, rows: np.ndarray, cues: PatientCues) -> np.ndarray:
         s, m = self.settings, self.index.meta
-        scraped = self._prev_prior[rows] + s.w_mentions * self._log_mentions[rows]
-        if self.view is not None and s.w_view_prior and (s.view_children or not cues.child):
-            asked = s.w_view_prior * np.log1p(np.minimum(self.view.counts[rows], s.view_prior_cap))
-            scraped = asked if s.view_prior_replaces and not cues.child else scraped + asked
-        prior = scraped - s.w_symptom_entry * self._symptom_entry[rows]
+        prior = (self._prev_prior[rows] + s.w_mentions * self._log_mentions[rows]
+                 - s.w_symptom_entry * self._symptom_entry[rows])
         child, child_only = m.child[rows], m.child_only[rows]
         if cues.child:
             prior += s.w_child_match * child - s.w_child_mismatch * m.adult_only[rows]
