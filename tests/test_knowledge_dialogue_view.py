@@ -156,3 +156,11 @@ def test_no_dialogues_folder_leaves_results_identical(library: Path, tmp_path: P
         a, b = auto.search(q), none.search(q)
         assert [(h.disease.id, h.score) for h in a.hits] == [(h.disease.id, h.score) for h in b.hits]
         assert a.confident == b.confident
+
+
+def test_confidence_reads_the_library_evidence_alone(with_dialogues: Path, tmp_path: Path) -> None:
+    r = Retriever.load_or_build(with_dialogues, tmp_path / "cache", progress=False)
+    loud = Retriever(r.index, SearchSettings(w_view_words=10.0, fusion_depth=0), r.view)
+    res = loud.search(COMPLAINT)
+    assert res.hits[0].disease.id == "g2" and res.hits[0].score - res.hits[1].score > 5
+    assert not res.confident  # the library ties 胃溃疡 and 功能性消化不良: the patients' words do not settle it
