@@ -32,7 +32,7 @@ from .batch import BatchState
 from .contract import Event
 from .detokenize import IncrementalDecoder
 from .repetition import find_loop
-from .sampling import RowSampling, sample
+from .sampling import UNIFORMS, RowSampling, sample
 from .types import (
     EngineError,
     EngineNotReady,
@@ -496,8 +496,8 @@ class LocalEngine:
     def _uniforms(self, rows: list[_Row]) -> torch.Tensor | None:
         if all(r.request.params.greedy for r in rows):
             return None
-        values = [float(torch.rand(1, generator=r.generator)) for r in rows]
-        return torch.tensor(values, device=self.device)
+        # Each row's uniforms (its rejection proposals, then a fallback's) come from its own generator only.
+        return torch.stack([torch.rand(UNIFORMS, generator=r.generator) for r in rows]).to(self.device)
 
     def _suppress_eos(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         early = [i for i, r in enumerate(rows) if len(r.out_ids) < r.request.params.min_new_tokens]
