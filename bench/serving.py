@@ -104,6 +104,16 @@ async def one_stream(client: httpx.AsyncClient, url: str, req: Request) -> dict[
             "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)], "tokens": completion}
 
 
+def prompt_cache_share(url: str) -> float:
+    """Share of the server's prefilled prompt tokens so far whose keys/values came from its prompt cache."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    total = float(values.get("doctorglm_prompt_tokens", 0))
+    return float(values.get("doctorglm_prompt_cache_reused_tokens", 0)) / total if total else 0.0
+
+
 def summary(results: list[dict[str, Any]]) -> dict[str, float]:
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     tokens = sum(r["tokens"] for r in results)
@@ -333,8 +343,10 @@ def main() -> int:
         print(f"one at a time: {seq['tokens_per_s']:.0f} tok/s, {seq['requests_per_s']:.2f} req/s, "
               f"TTFT p50 {seq['ttft_p50_ms']:.0f} ms, ITL p50 {seq['itl_p50_ms']:.1f} ms", flush=True)
         results["closed_loop"] = closed = asyncio.run(closed_loop(server.url, reqs[:args.requests], args.clients))
+        closed["prompt_cache_share"] = share = prompt_cache_share(server.url)
         print(f"{args.clients} clients closed loop: {closed['tokens_per_s']:.0f} tok/s, "
-              f"{closed['requests_per_s']:.2f} req/s, TTFT p99 {closed['ttft_p99_ms']:.0f} ms", flush=True)
+              f"{closed['requests_per_s']:.2f} req/s, TTFT p99 {closed['ttft_p99_ms']:.0f} ms; prompt tokens from "
+              f"the prompt cache so far {share:.0%}", flush=True)
         results["open_loop"] = []
         for fraction in (float(m) for m in args.rates.split(",")):
             rate = fraction * closed["requests_per_s"]
@@ -346,6 +358,18 @@ def main() -> int:
                   f"ITL p50/p99 {row['itl_p50_ms']:.1f}/{row['itl_p99_ms']:.1f} ms", flush=True)
         results["sequential_after"] = after = asyncio.run(sequential(server.url, reqs[:args.sequential]))
         print(f"one at a time, again: {after['tokens_per_s']:.0f} tok/s", flush=True)
+    finally:
+        server.stop()
+    # The same closed loop on a server without the prompt cache: what reusing prompt beginnings buys.
+    server = start_server(cache, cache / "logs", {"DOCTORGLM_MAX_BATCH_SIZE": str(args.clients),
+                                                  "DOCTORGLM_MAX_QUEUE": str(4 * args.requests),
+                                                  "OMP_NUM_THREADS": args.threads, "DOCTORGLM_PROMPT_CACHE_MB": "0"})
+    try:
+        asyncio.run(sequential(server.url, reqs[:2]))  # warm-up
+        results["closed_loop_no_prompt_cache"] = uncached = asyncio.run(
+            closed_loop(server.url, reqs[:args.requests], args.clients))
+        print(f"{args.clients} clients closed loop without the prompt cache: {uncached['tokens_per_s']:.0f} tok/s, "
+              f"TTFT p50/p99 {uncached['ttft_p50_ms']:.0f}/{uncached['ttft_p99_ms']:.0f} ms", flush=True)
     finally:
         server.stop()
     base = (seq["tokens_per_s"] + after["tokens_per_s"]) / 2
@@ -373,6 +397,7 @@ def main() -> int:
     saturated = max(kept_up, key=lambda r: r["tokens_per_s"])
     results["ratios"] = {
         "closed_loop_vs_sequential": closed["tokens_per_s"] / base,
+        "closed_loop_prompt_cache_on_vs_off": closed["tokens_per_s"] / uncached["tokens_per_s"],
         "open_loop_best_within_1s_ttft_p99_vs_sequential": saturated["vs_sequential"],
         "open_loop_best_within_1s_ttft_p99_rate": saturated["rate"],
         "open_loop_best_within_1s_ttft_p99_ms": saturated["ttft_p99_ms"],
@@ -389,6 +414,7 @@ def main() -> int:
     r = results["ratios"]
     print(f"{'goal':52} {'measured':>10}")
     print(f"{'closed loop 8 clients / one at a time (>= 3.5x)':52} {r['closed_loop_vs_sequential']:9.2f}x")
+    print(f"{'  closed loop, prompt cache on / off':52} {r['closed_loop_prompt_cache_on_vs_off']:9.2f}x")
     print(f"{'open loop, best rate with TTFT p99 <= 1 s / one at a time (>= 3.5x)':52} "
           f"{r['open_loop_best_within_1s_ttft_p99_vs_sequential']:9.2f}x")
     print(f"{'  at (req/s) / its TTFT p99 (ms)':52} {r['open_loop_best_within_1s_ttft_p99_rate']:9.2f} / "

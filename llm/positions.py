@@ -14,6 +14,10 @@ import torch
 
 
 class PositionScheme(Protocol):
+    # True when a prompt prefix's keys/values depend on that prefix alone (causal attention), so the engine
+    # may reuse them for a later prompt that starts the same way.
+    prompt_prefix_reusable: bool
+
     def prefill(self, prompt_ids: list[int], device: torch.device) -> torch.Tensor | None:
         """position_ids for the prompt's forward (batch 1), or None for the model's own default."""
 
@@ -29,6 +33,8 @@ class PositionScheme(Protocol):
 
 class LinearPositions:
     """0, 1, 2, ... (every model transformers ships; a P-tuning prefix does not shift them)."""
+
+    prompt_prefix_reusable = True
 
     def prefill(self, prompt_ids: list[int], device: torch.device) -> torch.Tensor | None:
         return None

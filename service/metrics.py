@@ -29,6 +29,11 @@ class Metrics:
         self.retrieval = Histogram("doctorglm_retrieval_seconds", "Prompt designer retrieval latency",
                                    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5), registry=r)
         self.emergencies = Counter("doctorglm_red_flags", "Requests triaged as emergencies", registry=r)
+        self.prompt_tokens = Gauge("doctorglm_prompt_tokens", "Prompt tokens prefilled since start", registry=r)
+        self.prompt_cache_reused = Gauge("doctorglm_prompt_cache_reused_tokens",
+                                         "Prompt tokens since start whose keys/values came from the prompt cache",
+                                         registry=r)
+        self.prompt_cache_bytes = Gauge("doctorglm_prompt_cache_bytes", "Memory the prompt cache holds", registry=r)
         self.finish = Counter("doctorglm_finish_reasons", "Finished generations by reason", ["reason"], registry=r)
 
     def watch_engine(self, stats: Callable[[], dict[str, int]]) -> None:
@@ -36,3 +41,6 @@ class Metrics:
         self.active_streams.set_function(lambda: stats()["active"])
         self.queued_requests.set_function(lambda: stats()["queued"])
         self.queue_depth.set_function(lambda: stats()["queued"])
+        self.prompt_tokens.set_function(lambda: stats().get("prompt_tokens", 0))
+        self.prompt_cache_reused.set_function(lambda: stats().get("prompt_cache_reused_tokens", 0))
+        self.prompt_cache_bytes.set_function(lambda: stats().get("prompt_cache_bytes", 0))

@@ -146,4 +146,5 @@ def make_engine(settings: Settings, *, progress: bool = True) -> Engine:
                         device=settings.device, quantization=settings.quantization,
                         trust_remote_code=settings.trust_remote_code, cache_dir=settings.cache_dir)
     return LocalEngine(loaded, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                       context_tokens=settings.context_tokens, repetition_guard=settings.repetition_guard)
+                       context_tokens=settings.context_tokens, repetition_guard=settings.repetition_guard,
+                       prompt_cache_mb=settings.prompt_cache_mb)

@@ -64,6 +64,8 @@ class GenerationSettings(BaseSettings):
     context_tokens: int = Field(2048, ge=64, description="Prompt + answer token budget.")
     max_batch_size: int = Field(8, ge=1)
     max_queue: int = Field(64, ge=1)
+    prompt_cache_mb: int = Field(512, ge=0, description="Memory for reused prompt beginnings' keys/values "
+                                 "(on the model's device); 0 = off.")
     repetition_guard: bool = True
 
 

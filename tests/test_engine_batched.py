@@ -206,3 +206,71 @@ def test_rows_joining_leaving_and_outgrowing_the_cache_match_the_reference(model
     for (message, steps), text in zip(cases, texts, strict=True):
         prompt_ids = eng.prepare(GenerationRequest(message=message, params=SamplingParams(max_new_tokens=steps)))
         assert text == reference_greedy(loaded, prompt_ids, None, steps, eng.eos_ids), message
+
+
+# A designed prompt: a long shared beginning (the knowledge brief) and a different question at the end.
+BRIEF = ("以下是与患者描述可能相关的疾病资料：上呼吸道感染，常见症状为发热、咳嗽、流涕、咽痛，"
+         "多由病毒引起，注意休息、多饮水。") * 3
+
+
+def test_prompts_reusing_a_cached_beginning_match_the_reference(model_dir: Path) -> None:
+    """Rows that start with a cached prompt prefix prefill only the rest, alone and grouped with padding,
+    and compute what a full prefill computes (this model's random weights barely use positions, so the
+    log-probabilities are compared, not only the greedy text)."""
+    loaded = load_model(model_dir)
+    questions = [BRIEF + q for q in ("孩子发烧三天", "咳嗽有痰怎么办，晚上咳得厉害", "头痛", "嗓子疼两天了还有点低烧")]
+    scored = SamplingParams(max_new_tokens=STEPS, min_new_tokens=STEPS, temperature=0.0, logprobs=0)
+
+    def run(eng: LocalEngine) -> list[tuple[str, list[float], int]]:
+        async def one(question: str) -> tuple[str, list[float], int]:
+            text, logprobs, prompt_tokens = "", [], 0
+            async for event in eng.stream(GenerationRequest(message=question, params=scored)):
+                if isinstance(event, TokenDelta):
+                    text += event.text
+                    logprobs += [t.logprob for t in event.logprobs]
+                else:
+                    prompt_tokens = event.prompt_tokens
+            return text, logprobs, prompt_tokens
+
+        async def scenario() -> list[tuple[str, list[float], int]]:
+            first = await one(questions[0])  # fills the cache
+            return [first, *await asyncio.gather(*(one(q) for q in questions[1:]))]  # one padded group after it
+
+        eng.start()
+        try:
+            return asyncio.run(scenario())
+        finally:
+            eng.stop()
+
+    cached_engine = LocalEngine(loaded, max_batch_size=8, context_tokens=1024, prompt_cache_mb=16)
+    cached = run(cached_engine)
+    full = run(LocalEngine(loaded, max_batch_size=8, context_tokens=1024, prompt_cache_mb=0))
+    cache = cached_engine.prompt_cache
+    assert cache is not None and len(cache) >= 3
+    assert cache.hits == 3 and cache.reused_tokens >= 3 * 3 * 32
+    assert [(text, tokens) for text, _, tokens in cached] == [(text, tokens) for text, _, tokens in full]
+    assert max(abs(a - b) for (_, x, _), (_, y, _) in zip(cached, full, strict=True)
+               for a, b in zip(x, y, strict=True)) < 1e-4
+    prompt_ids = cached_engine.prepare(GenerationRequest(message=questions[2], params=GREEDY))
+    assert cached[2][0] == reference_greedy(loaded, prompt_ids, None, STEPS, cached_engine.eos_ids)
+
+
+def test_no_prompt_cache_where_a_prefix_depends_on_what_follows(model_dir: Path) -> None:
+    loaded = load_model(model_dir)
+    assert LocalEngine(loaded, prompt_cache_mb=16).prompt_cache is not None
+    assert LocalEngine(loaded, prompt_cache_mb=0).prompt_cache is None
+
+    class BothWays(TwoColumnLinear):
+        prompt_prefix_reusable = False
+
+        def __init__(self, config: object) -> None:
+            pass
+
+    model_class = type(loaded.model)
+    model_class.position_scheme = BothWays  # as ChatGLM-6B's class declares its prefix-LM positions
+    try:
+        assert LocalEngine(loaded, prompt_cache_mb=16).prompt_cache is None
+    finally:
+        del model_class.position_scheme
+    loaded.prefix = random_prefix(loaded, length=5)  # a P-tuning prefix sits before every prompt
+    assert LocalEngine(loaded, prompt_cache_mb=16).prompt_cache is None

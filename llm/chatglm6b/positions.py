@@ -79,6 +79,9 @@ class ChatGLM6BPositions:
     [gMASK] block) grows its position by one per token.
     """
 
+    # The prompt attends both ways (prefix-LM): a prefix's keys/values change with the tokens after it.
+    prompt_prefix_reusable = False
+
     def __init__(self, config: Any) -> None:
         self.ids = SpecialIds.of(config)
 

@@ -54,7 +54,8 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, int]:
-        """{"active": rows generating, "queued": requests waiting}."""
+        """{"active": rows generating, "queued": requests waiting}; the local engine adds "prompt_tokens",
+        "prompt_cache_reused_tokens" (running totals) and "prompt_cache_bytes"."""
         ...
 
     def abort_all(self, message: str) -> None:

@@ -31,6 +31,7 @@ from llm.positions import position_scheme_for
 from .batch import BatchState
 from .contract import Event
 from .detokenize import IncrementalDecoder
+from .prompt_cache import CachedPrefix, PromptCache
 from .repetition import find_loop
 from .sampling import UNIFORMS, RowSampling, sample
 from .types import (
@@ -132,7 +133,7 @@ class LocalEngine:
     kind = "local"
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_queue: int = 64,
-                 context_tokens: int = 2048, repetition_guard: bool = True) -> None:
+                 context_tokens: int = 2048, repetition_guard: bool = True, prompt_cache_mb: int = 0) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
@@ -158,6 +159,10 @@ class LocalEngine:
         self.prefix_len = int(self.prefix[0][0].shape[2]) if self.prefix else 0
         if self.prefix and not self.batched:
             raise ValueError("a P-tuning prefix needs a model with a transformers DynamicCache (the batched path)")
+        # Reused prompt beginnings (prompt_cache.py): batched path, causal prompts, no P-tuning prefix before them.
+        self.prompt_cache = (PromptCache(prompt_cache_mb * 2**20)
+                             if prompt_cache_mb > 0 and self.batched and not self.prefix
+                             and self.positions.prompt_prefix_reusable else None)
         # transformers' sdpa takes a prepared 4-D bool mask as is, so the batch's mask is a view, never rebuilt;
         # other attention code (and the project's own model classes) gets the 2-D padding mask.
         self._bool_mask = (type(self.model).__module__.startswith("transformers.")
@@ -172,6 +177,7 @@ class LocalEngine:
         self._batch = BatchState(max_batch_size, self.vocab_size, self.device, self._bool_mask)
         self._sampling: RowSampling | None = None
         self.steps = 0
+        self.prompt_tokens = 0  # prefilled prompt tokens since start, cached ones included
         self.timings = StepTimings()
         self.ready = False
 
@@ -197,7 +203,10 @@ class LocalEngine:
             self._cv.notify_all()
 
     def stats(self) -> dict[str, int]:
-        return {"active": len(self._rows), "queued": len(self._waiting)}
+        cache = self.prompt_cache
+        return {"active": len(self._rows), "queued": len(self._waiting), "prompt_tokens": self.prompt_tokens,
+                "prompt_cache_reused_tokens": cache.reused_tokens if cache else 0,
+                "prompt_cache_bytes": cache.bytes if cache else 0}
 
     def model_summary(self) -> dict[str, str | None]:
         from llm.quantize import model_summary
@@ -330,64 +339,79 @@ class LocalEngine:
             for row in group:
                 self._guarded(self._serial_prefill, [row])
             return
-        # Echo rows need every position's logits: they prefill alone. The rest share padded forwards.
-        chunk: list[_Row] = []
-        for row in sorted(group, key=lambda r: len(r.prompt_ids)):
+        # Echo rows need every position's logits: they prefill alone. The rest share padded forwards, one per
+        # cached prefix they start with (rows with the same cached beginning prefill only what follows it).
+        groups: dict[int, tuple[CachedPrefix | None, list[_Row]]] = {}
+        for row in group:
             if row.request.params.prompt_logprobs:
                 self._guarded(self._prefill_group, [row])
                 continue
-            longest = max(len(row.prompt_ids), *(len(r.prompt_ids) for r in chunk)) if chunk else len(row.prompt_ids)
-            if chunk and longest * (len(chunk) + 1) > PREFILL_TOKEN_BUDGET:
-                self._guarded(self._prefill_group, chunk)
-                chunk = []
-            chunk.append(row)
-        if chunk:
-            self._guarded(self._prefill_group, chunk)
+            cached = self.prompt_cache.match(row.prompt_ids) if self.prompt_cache else None
+            groups.setdefault(cached.node.id if cached else 0, (cached, []))[1].append(row)
+        for cached, rows in groups.values():
+            skip = cached.length if cached else 0
+            chunk: list[_Row] = []
+            for row in sorted(rows, key=lambda r: len(r.prompt_ids)):
+                longest = len(row.prompt_ids) - skip
+                if chunk and longest * (len(chunk) + 1) > PREFILL_TOKEN_BUDGET:
+                    self._guarded(self._prefill_group, chunk, cached)
+                    chunk = []
+                chunk.append(row)
+            if chunk:
+                self._guarded(self._prefill_group, chunk, cached)
 
-    def _guarded(self, prefill: Any, rows: list[_Row]) -> None:
+    def _guarded(self, prefill: Any, rows: list[_Row], *args: Any) -> None:
         """Prefill a group; when it fails, retry its rows one by one so that a bad request fails alone."""
         started = time.perf_counter()
         try:
-            prefill(rows)
+            prefill(rows, *args)
+            self.prompt_tokens += sum(len(r.prompt_ids) for r in rows)
             self.timings.prefills += 1
             self.timings.prefill_rows += len(rows)
             self.timings.prefill_s += time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - the requests fail, never the worker
             if len(rows) > 1:
                 for row in rows:
-                    self._guarded(prefill, [row])
+                    self._guarded(prefill, [row], *args)
                 return
             log.exception("prefill failed")
             self._finish(rows[0], "error", error=f"generation failed: {type(exc).__name__}")
 
-    def _prefill_group(self, rows: list[_Row]) -> None:
-        n, p = len(rows), self.prefix_len
-        lengths = [len(r.prompt_ids) for r in rows]
+    def _prefill_group(self, rows: list[_Row], cached: CachedPrefix | None = None) -> None:
+        """One left-padded forward for rows that share a cache beginning: the P-tuning prefix (positions start at
+        0 after it) or a cached prompt prefix (the prompt's first `skip` tokens: positions go on from it)."""
+        n = len(rows)
+        skip = cached.length if cached else 0
+        before = self.prefix if self.prefix else (cached.layers if cached else None)
+        p = self.prefix_len if self.prefix else skip
+        lengths = [len(r.prompt_ids) - skip for r in rows]
         longest = max(lengths)
         ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, p + longest), dtype=torch.long)
         mask[:, :p] = 1
         positions: list[torch.Tensor | None] = []
         for i, row in enumerate(rows):
-            ids[i, longest - lengths[i]:] = torch.tensor(row.prompt_ids)
+            ids[i, longest - lengths[i]:] = torch.tensor(row.prompt_ids[skip:])
             mask[i, p + longest - lengths[i]:] = 1
-            positions.append(self.positions.prefill(row.prompt_ids, self.device))
+            pos = self.positions.prefill(row.prompt_ids, self.device)
+            positions.append(pos[..., skip:] if pos is not None else None)
         ids, mask = ids.to(self.device), mask.to(self.device)
         padded = any(length != longest for length in lengths)
         kwargs: dict[str, Any] = {}
         if padded or p:
             kwargs["attention_mask"] = mask
         if padded or p or any(pos is not None for pos in positions):
-            # Positions start at 0 after a prefix (what ChatGLM's P-tuning v2 does), never at P; pads get 0.
+            # Positions start at 0 after a P-tuning prefix (what ChatGLM's P-tuning v2 does), never at P; after a
+            # cached prompt prefix they go on from it; pads get 0.
             kwargs["position_ids"] = torch.cat([
-                F.pad(pos if pos is not None else torch.arange(length, device=self.device)[None, :],
+                F.pad(pos if pos is not None else torch.arange(skip, skip + length, device=self.device)[None, :],
                       (longest - length, 0))
                 for pos, length in zip(positions, lengths, strict=True)], dim=0)
-        if self.prefix:
+        if before:
             from transformers import DynamicCache
 
             kwargs[self._cache_kw] = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
-                                                                  for k, v in self.prefix])
+                                                                  for k, v in before])
         echo = rows[0].request.params.prompt_logprobs
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=0 if echo else 1, **kwargs)
         if echo:
@@ -396,6 +420,12 @@ class LocalEngine:
         tokens = sample(logits, self._row_sampling(rows), None, self._uniforms(rows))
         logprobs = self._token_logprobs(rows, out.logits[:, -1, :], tokens)
         cache = _output_cache(out)
+        if self.prompt_cache is not None and not echo:
+            for i, row in enumerate(rows):
+                own = p + longest - lengths[i]  # where this row's own tokens start in the forward's cache
+                self.prompt_cache.insert(row.prompt_ids, skip,
+                                         [(layer.keys[i:i + 1, :, own:], layer.values[i:i + 1, :, own:])
+                                          for layer in cache.layers], after=cached)
         first = torch.cat([self.positions.first(r.prompt_ids, self.device) for r in rows], dim=0)
         # Nothing that can fail comes after the rows join (`_accept` guards itself): a failed group is retried
         # row by row (_guarded), and a row already in the batch would then be there twice.
