@@ -36,10 +36,12 @@ eval: $(STAMP)
 	@for form in text list structured; do for half in a b; do \
 		$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data $(SHARED)/eval/dxy_dev.jsonl \
 			--label-map $(SHARED)/eval/label_map.json --form $$form --split $$half --quiet; done; done
-	@echo "adult complaints (project-written probes: tuned, blind, blind 2):"
+	@echo "adult complaints (project-written probes: tuned; blind, blind 2, blind 3 as totals only):"
 	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_complaints.jsonl
-	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_blind.jsonl
-	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_lay_blind2.jsonl --quiet
+	@for probe in adult_blind adult_lay_blind2 adult_lay_blind3; do $(PY) -m knowledge eval \
+		--library $(SHARED)/diseases.jsonl --data knowledge/data/probes/$$probe.jsonl --quiet; done
+	@echo "dialogue lay: held-out dialogue questions that do not name their disease (the view is built from the rest):"
+	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data $(SHARED)/dialogues --quiet
 	@echo "EHR symptom lists (blind probe), as the list line and as the structured record:"
 	@for form in list structured; do $(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl \
 		--data knowledge/data/probes/ehr_lists_blind.jsonl --form $$form --quiet; done
