@@ -6,10 +6,13 @@ One run, one server, ratios against baselines measured in the same run:
   count under the served tokenizer, capped by --max-tokens; min_new_tokens = that count, because the embedded
   model's random weights would otherwise end at random). Without ../shared, the project's sample dialogues.
   Requests go through HTTP/SSE (/chat/stream) with the prompt designer on, as a clinician's page sends them.
+- one server with DOCTORGLM_MAX_BATCH_SIZE --max-batch (16: Poisson arrivals burst above their mean, and a row
+  that waits for a free slot waits for a whole answer); the prompt cache on, as by default.
 - one at a time (sequential, before and after the rest: the baseline is their mean, because the machine is
   shared and its load drifts), a closed loop of --clients clients, then open-loop Poisson arrivals at several
   rates up to saturation (fractions of the closed loop's request rate), --requests requests per rate:
-  output tokens/s, requests/s, TTFT p50/p99 and inter-token latency (gap between SSE deltas) p50/p99.
+  output tokens/s, requests/s, TTFT p50/p99 and inter-token latency (gap between SSE deltas) p50/p99; then the
+  same closed loop on a server without the prompt cache.
 - a peer: transformers' own continuous batching (ContinuousBatchingManager) on the same model and requests,
   all at once, in process (no HTTP), against our engine in process on the same requests (batch 8, and as
   many rows as requests, which is what the manager runs).
@@ -18,7 +21,7 @@ One run, one server, ratios against baselines measured in the same run:
 
 Writes bench/results/serving.json and bench/results/serving.png.
 
-    python bench/serving.py [--requests 64] [--clients 8] [--max-tokens 128] [--threads 1]
+    python bench/serving.py [--requests 64] [--clients 8] [--max-batch 16] [--max-tokens 128] [--threads 1]
 """
 
 from __future__ import annotations
@@ -309,6 +312,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=64, help="requests per open-loop rate (>= 64 for the issue)")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="the server's DOCTORGLM_MAX_BATCH_SIZE: room for Poisson bursts above the mean "
+                             "concurrency (a closed loop of --clients never runs more than --clients rows)")
     parser.add_argument("--max-tokens", type=int, default=128, help="cap on an answer's length")
     parser.add_argument("--rates", default="0.25,0.5,0.75,1,1.25",
                         help="open-loop rates, as fractions of the closed loop's request rate")
@@ -330,11 +336,12 @@ def main() -> int:
     print(f"model {model_dir.name}; {len(reqs)} requests from {source}; answer tokens p50 {pct(lengths, 50)}, "
           f"mean {statistics.mean(lengths):.0f}, max {max(lengths)}; torch threads {args.threads}", flush=True)
     results: dict[str, Any] = {"model": model_dir.name, "workload": source, "requests": args.requests,
-                               "clients": args.clients, "max_tokens": args.max_tokens, "threads": args.threads,
+                               "clients": args.clients, "max_batch": args.max_batch, "max_tokens": args.max_tokens,
+                               "threads": args.threads,
                                "answer_tokens": {"p50": pct(lengths, 50), "mean": statistics.mean(lengths),
                                                  "max": max(lengths)},
                                "load_average_start": os.getloadavg()}
-    server = start_server(cache, cache / "logs", {"DOCTORGLM_MAX_BATCH_SIZE": str(args.clients),
+    server = start_server(cache, cache / "logs", {"DOCTORGLM_MAX_BATCH_SIZE": str(args.max_batch),
                                                   "DOCTORGLM_MAX_QUEUE": str(4 * args.requests),
                                                   "OMP_NUM_THREADS": args.threads})
     try:
@@ -361,7 +368,7 @@ def main() -> int:
     finally:
         server.stop()
     # The same closed loop on a server without the prompt cache: what reusing prompt beginnings buys.
-    server = start_server(cache, cache / "logs", {"DOCTORGLM_MAX_BATCH_SIZE": str(args.clients),
+    server = start_server(cache, cache / "logs", {"DOCTORGLM_MAX_BATCH_SIZE": str(args.max_batch),
                                                   "DOCTORGLM_MAX_QUEUE": str(4 * args.requests),
                                                   "OMP_NUM_THREADS": args.threads, "DOCTORGLM_PROMPT_CACHE_MB": "0"})
     try:

@@ -48,9 +48,10 @@ class Runtime:
                 and self.engine.ready)
 
     def engine_stats(self) -> dict[str, int]:
-        """Rows generating now (`active`) and requests waiting for a row (`queued`)."""
+        """Rows generating now (`active`), requests waiting for a row (`queued`), and the engine's other figures
+        (the local engine's prompt-cache totals); zeros before the engine is loaded."""
         stats = self.engine.stats() if self.engine is not None else {}
-        return {"active": int(stats.get("active", 0)), "queued": int(stats.get("queued", 0))}
+        return {"active": 0, "queued": 0, **{key: int(value) for key, value in stats.items()}}
 
     def stream_opened(self) -> None:
         self.open_streams += 1
