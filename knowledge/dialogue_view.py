@@ -181,31 +181,6 @@ def label(record: dict[str, str], matcher: NameMatcher) -> int | None:
     return min(counts, key=lambda r: (-counts[r], first[r]))
 
 
-def labelled_questions(base: Retriever, folder: Path, progress: bool = True) -> list[Labelled]:
-    """Every labelled question of the folder (exact repeats once), in file order."""
-    matcher = NameMatcher(base._name_rows, base.index.meta.names, base._symptom_entry.tolist())
-    records = list(read_dialogues(folder))
-    labelled: list[Labelled] = []
-    bar = _progress(len(records), "labelling dialogues", progress)
-    for rec in records:
-        row = label(rec, matcher)
-        if row is not None:
-            labelled.append(Labelled(rec["question"], row, rec["source"]))
-        bar.update()
-    bar.close()
-    return list(dict.fromkeys(labelled))
-
-
-def words_model(words: dict[int, list[str]]) -> tuple[bm25s.BM25 | None, np.ndarray]:
-    """BM25 over each row's patients' words (doc i = row doc_rows[i]); None when no row has any."""
-    doc_rows = np.array(sorted(words), dtype=np.int32)
-    if not len(doc_rows):
-        return None, doc_rows
-    model = bm25s.BM25(k1=VIEW_K1, b=VIEW_B, method="robertson")
-    model.index([words[int(r)] for r in doc_rows], show_progress=False)
-    return model, doc_rows
-
-
 def view_terms(retriever: Retriever, text: str) -> dict[str, float]:
     """Search words of a text for the view: the search's own weighted words, plus the current turn's
     content words the generic-word filter drops for the library (everyday words no document uses)."""
@@ -229,8 +204,17 @@ class DialogueView:
         from knowledge.search import Retriever
 
         base = Retriever(index)  # default query settings: the view does not depend on tuning
-        labelled = labelled_questions(base, folder, progress)
-        train = [x for x in labelled if not x.held_out]
+        matcher = NameMatcher(base._name_rows, base.index.meta.names, base._symptom_entry.tolist())
+        records = list(read_dialogues(folder))
+        labelled: list[Labelled] = []
+        bar = _progress(len(records), "labelling dialogues", progress)
+        for rec in records:
+            row = label(rec, matcher)
+            if row is not None:
+                labelled.append(Labelled(rec["question"], row, rec["source"]))
+            bar.update()
+        bar.close()
+        train = [x for x in dict.fromkeys(labelled) if not x.held_out]
         counts = np.bincount([x.row for x in train], minlength=base.size).astype(np.int32)
         words: dict[int, list[str]] = {}
         bar = _progress(len(train), "patients' words", progress)
@@ -238,10 +222,14 @@ class DialogueView:
             words.setdefault(x.row, []).extend(view_terms(base, x.question))
             bar.update()
         bar.close()
-        model, doc_rows = words_model(words)
+        doc_rows = np.array(sorted(words), dtype=np.int32)
+        model = None
+        if len(doc_rows):
+            model = bm25s.BM25(k1=VIEW_K1, b=VIEW_B, method="robertson")
+            model.index([words[int(r)] for r in doc_rows], show_progress=False)
         names = base.index.meta.names
         dev = [{"query": x.question, "label_disease": names[x.row], "source": x.source}
-               for x in labelled if x.held_out]
+               for x in dict.fromkeys(labelled) if x.held_out]
         return cls(counts, model, doc_rows, dev)
 
     def save(self, directory: Path) -> None:

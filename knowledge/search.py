@@ -31,8 +31,6 @@ from knowledge.dialogue_view import DialogueView, default_folder
 from knowledge.evidence import EvidenceTable, EvidenceWeights
 from knowledge.index import IndexSettings, LibraryIndex
 from knowledge.patient import PatientContext
-from knowledge.ranker import Ranker
-from knowledge.ranker import features as ranker_features
 from knowledge.schema import Disease
 from knowledge.synonyms import SymptomLinks
 from knowledge.text import (
@@ -148,20 +146,6 @@ class SearchResult:
                 "hits": [h.to_dict() for h in self.hits]}
 
 
-@dataclass
-class Scored:
-    """One search's hand-weighted score of every document (-inf: shares no word) and its parts, which
-    the re-ranker (knowledge/ranker.py) reads for its shortlist."""
-
-    final: np.ndarray
-    bm25: np.ndarray  # fielded BM25 / its best
-    coverage: np.ndarray
-    prior: np.ndarray
-    single: np.ndarray | None  # explains one of the patient's >= 2 symptoms only
-    named: dict[int, float]  # rows the patient named (and suspects)
-    words_part: np.ndarray | None  # the patients' words part (w_view_words * BM25 / its best)
-
-
 _MATCH_FIELDS = ("name", "aliases", "symptoms", "description", "diagnosis")
 
 
@@ -169,11 +153,10 @@ class Retriever:
     """Search over one library. Build with `Retriever.load_or_build`."""
 
     def __init__(self, index: LibraryIndex, settings: SearchSettings | None = None,
-                 view: DialogueView | None = None, ranker: Ranker | None = None) -> None:
+                 view: DialogueView | None = None) -> None:
         self.index = index
         self.settings = settings or SearchSettings()
         self.view = view
-        self.ranker = ranker  # re-ranks the shortlist of a patient not identified as a child
         m = index.meta
         prev = np.where(np.isnan(m.prevalence), self.settings.default_prevalence, m.prevalence)
         self._prev_prior = self.settings.w_prevalence * np.log10(np.clip(prev, 1e-4, self.settings.prevalence_cap))
@@ -464,31 +447,51 @@ class Retriever:
             final = scores[rows]
             keywords, negated, cues = list(dict.fromkeys(tokens)), [], PatientCues()
         else:
-            weights, current, named, cues = self._read(query, history, patient)
+            weights, current, named = self._query(query, history, patient)
             keywords, negated = list(weights), current.negated
-            scored = self._score(weights, named, cues, current, suspects, keep_parts=self.ranker is not None)
-            if scored is not None:
-                final, heard = scored.final, scored.words_part
-                rows = _top(final, max(k, s.fusion_depth, self.ranker.depth if self.ranker else 0))
+            all_text = normalise(" ".join([*history, query]))
+            cues = patient_cues(all_text, [*current.tokens, *(t for h in history for t in h.split())])
+            if patient is not None:
+                cues = patient.apply_to(cues)
+            ev = self._evidence.score(weights)
+            bm, cov, n_hit, n_query = ev.bm25, ev.coverage, ev.symptom_hits, ev.n_symptom_words
+            top = bm.max() if self.size else 0.0
+            if top > 0:
+                # Every document is scored (vectorised): a rare-word BM25 shortlist would drop the common
+                # disease before the priors could lift it.
+                # In place: each full-length temporary is another pass over memory.
+                no_match = bm <= 0
+                final = np.multiply(bm, 1 / top, out=bm)
+                final += np.multiply(cov, s.w_coverage, out=cov)
+                final += self._all_priors(cues)
+                heard = None  # the patients' words part of the score
+                if self.view is not None and s.w_view_words and (s.view_children or not cues.child):
+                    said = self.view.word_scores(self._view_weights(weights, current), self.size)
+                    best = said.max()
+                    if best > 0:
+                        heard = np.multiply(said, s.w_view_words / best, out=said)
+                        final += heard
+                bonus = self._name_bonus(named)
+                for r, value in self._suspect_rows(suspects).items():
+                    bonus[r] = max(bonus.get(r, 0.0), value)
+                    no_match[r] = False  # a rule fired on the complaint: relevant without shared words
+                if bonus:
+                    final[list(bonus)] += list(bonus.values())
+                if s.w_single and n_query >= 2:
+                    final -= s.w_single * (n_hit <= 1)
+                final[no_match] = -np.inf
+                rows = _top(final, max(k, s.fusion_depth))
                 rows = rows[np.isfinite(final[rows])]
-                gap = final[rows[0]] - final[rows[1]] if len(rows) > 1 else np.inf
+                final = final[rows]
+                gap = final[0] - final[1] if len(final) > 1 else np.inf
                 if heard is not None and len(rows) > 1:
                     # Confidence reads the library's evidence alone: the patients' words lift a disease
                     # many patients ask about without telling it apart from its neighbours.
                     gap -= heard[rows[0]] - heard[rows[1]]
-                listed = "、".join(patient.symptoms) if patient is not None else ""
-                text = " ".join(t for t in (query, listed) if t)
-                if self.ranker is not None and heard is not None and not cues.child and not suspects \
-                        and len(rows) > 1:
-                    scores = self.ranker.scores(ranker_features(scored, rows, self.plain_scores(
-                        self.plain_tokens(text))))
-                    order = np.argsort(-scores, kind="stable")
-                    rows, final, agreed = rows[order], scores[order], bool(order[0] == 0)
-                elif s.fusion_depth and not cues.child and not suspects and len(rows) > 1:
-                    rows = rows[:max(k, s.fusion_depth)]
-                    rows, final, agreed = self._fuse(text, rows, heard if s.view_fused else None)
-                else:
-                    final = final[rows]
+                if s.fusion_depth and not cues.child and not suspects and len(rows) > 1:
+                    listed = "、".join(patient.symptoms) if patient is not None else ""
+                    rows, final, agreed = self._fuse(" ".join(t for t in (query, listed) if t), rows,
+                                                     heard if s.view_fused else None)
                 rows, final = rows[:k], final[:k]
             else:
                 rows, final = np.zeros(0, dtype=int), np.zeros(0)
@@ -503,54 +506,6 @@ class Retriever:
         latency = (time.perf_counter() - start) * 1000
         return SearchResult(query=query, keywords=keywords, hits=hits, confident=confident and bool(hits),
                             latency_ms=latency, negated=negated, cues=cues.as_dict())
-
-    def _read(self, query: str, history: Sequence[str] = (), patient: PatientContext | None = None,
-              ) -> tuple[Counter[str], QueryTerms, dict[str, float], PatientCues]:
-        """The complaint's weighted search words, current turn, named diseases and patient cues."""
-        weights, current, named = self._query(query, history, patient)
-        all_text = normalise(" ".join([*history, query]))
-        cues = patient_cues(all_text, [*current.tokens, *(t for h in history for t in h.split())])
-        if patient is not None:
-            cues = patient.apply_to(cues)
-        return weights, current, named, cues
-
-    def _score(self, weights: Counter[str], named: dict[str, float], cues: PatientCues, current: QueryTerms,
-               suspects: Sequence[str], keep_parts: bool = False) -> Scored | None:
-        """The hand-weighted score of every document and its parts; None when no document shares a word."""
-        s = self.settings
-        ev = self._evidence.score(weights)
-        bm, cov, n_hit, n_query = ev.bm25, ev.coverage, ev.symptom_hits, ev.n_symptom_words
-        top = bm.max() if self.size else 0.0
-        if top <= 0:
-            return None
-        # Every document is scored (vectorised): a rare-word BM25 shortlist would drop the common
-        # disease before the priors could lift it.
-        no_match = bm <= 0
-        # The re-ranker reads the parts; otherwise they are summed in place (each full-length temporary is
-        # another pass over memory).
-        bm_n = np.multiply(bm, 1 / top, out=None if keep_parts else bm)
-        final = bm_n.copy() if keep_parts else bm_n
-        final += s.w_coverage * cov
-        prior = self._all_priors(cues)
-        final += prior
-        heard = None  # the patients' words part of the score
-        if self.view is not None and s.w_view_words and (s.view_children or not cues.child):
-            said = self.view.word_scores(self._view_weights(weights, current), self.size)
-            best = said.max()
-            if best > 0:
-                heard = np.multiply(said, s.w_view_words / best, out=said)
-                final += heard
-        bonus = self._name_bonus(named)
-        for r, value in self._suspect_rows(suspects).items():
-            bonus[r] = max(bonus.get(r, 0.0), value)
-            no_match[r] = False  # a rule fired on the complaint: relevant without shared words
-        if bonus:
-            final[list(bonus)] += list(bonus.values())
-        single = (n_hit <= 1) if s.w_single and n_query >= 2 else None
-        if single is not None:
-            final -= s.w_single * single
-        final[no_match] = -np.inf
-        return Scored(final, bm_n, cov, prior, single, bonus, heard)
 
     def _fuse(self, text: str, rows: np.ndarray, heard: np.ndarray | None = None,
               ) -> tuple[np.ndarray, np.ndarray, bool]:
