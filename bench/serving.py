@@ -107,14 +107,14 @@ async def one_stream(client: httpx.AsyncClient, url: str, req: Request) -> dict[
             "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)], "tokens": completion}
 
 
-def prompt_cache_share(url: str) -> float:
-    """Share of the server's prefilled prompt tokens so far whose keys/values came from its prompt cache."""
+def prompt_token_totals(url: str) -> tuple[float, float]:
+    """The server's prefilled prompt tokens so far, and how many of them came from its prompt cache."""
     values = {}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         name, _, value = line.partition(" ")
         values[name] = value
-    total = float(values.get("doctorglm_prompt_tokens", 0))
-    return float(values.get("doctorglm_prompt_cache_reused_tokens", 0)) / total if total else 0.0
+    return (float(values.get("doctorglm_prompt_tokens_total", 0)),
+            float(values.get("doctorglm_prompt_cache_reused_tokens_total", 0)))
 
 
 def summary(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -331,7 +331,15 @@ def main() -> int:
     cache = ROOT / ".cache" / "bench"
     model_dir = ensure_default_model(cache)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    reqs, source = workload(tokenizer, max(args.requests, args.sequential), args.max_tokens)
+    rates = [float(m) for m in args.rates.split(",")]
+    # Every phase gets questions no earlier phase sent: a repeated prompt would be a prompt-cache hit that real
+    # patients do not give (what they share is the template and, for the same likely disease, the brief).
+    reqs, source = workload(tokenizer, 2 + 2 * args.sequential + (1 + len(rates)) * args.requests, args.max_tokens)
+    fresh = iter(reqs)
+
+    def take(n: int) -> list[Request]:
+        return [next(fresh) for _ in range(n)]
+
     lengths = [r.tokens for r in reqs]
     print(f"model {model_dir.name}; {len(reqs)} requests from {source}; answer tokens p50 {pct(lengths, 50)}, "
           f"mean {statistics.mean(lengths):.0f}, max {max(lengths)}; torch threads {args.threads}", flush=True)
@@ -345,25 +353,28 @@ def main() -> int:
                                                   "DOCTORGLM_MAX_QUEUE": str(4 * args.requests),
                                                   "OMP_NUM_THREADS": args.threads})
     try:
-        asyncio.run(sequential(server.url, reqs[:2]))  # warm-up
-        results["sequential_before"] = seq = asyncio.run(sequential(server.url, reqs[:args.sequential]))
+        asyncio.run(sequential(server.url, take(2)))  # warm-up
+        results["sequential_before"] = seq = asyncio.run(sequential(server.url, take(args.sequential)))
         print(f"one at a time: {seq['tokens_per_s']:.0f} tok/s, {seq['requests_per_s']:.2f} req/s, "
               f"TTFT p50 {seq['ttft_p50_ms']:.0f} ms, ITL p50 {seq['itl_p50_ms']:.1f} ms", flush=True)
-        results["closed_loop"] = closed = asyncio.run(closed_loop(server.url, reqs[:args.requests], args.clients))
-        closed["prompt_cache_share"] = share = prompt_cache_share(server.url)
+        closed_reqs = take(args.requests)
+        (prompt_0, reused_0) = prompt_token_totals(server.url)
+        results["closed_loop"] = closed = asyncio.run(closed_loop(server.url, closed_reqs, args.clients))
+        (prompt_1, reused_1) = prompt_token_totals(server.url)
+        closed["prompt_cache_share"] = share = (reused_1 - reused_0) / max(prompt_1 - prompt_0, 1)
         print(f"{args.clients} clients closed loop: {closed['tokens_per_s']:.0f} tok/s, "
-              f"{closed['requests_per_s']:.2f} req/s, TTFT p99 {closed['ttft_p99_ms']:.0f} ms; prompt tokens from "
-              f"the prompt cache so far {share:.0%}", flush=True)
+              f"{closed['requests_per_s']:.2f} req/s, TTFT p99 {closed['ttft_p99_ms']:.0f} ms; its prompt tokens "
+              f"from the prompt cache: {share:.0%}", flush=True)
         results["open_loop"] = []
-        for fraction in (float(m) for m in args.rates.split(",")):
+        for fraction in rates:
             rate = fraction * closed["requests_per_s"]
             row = {"rate": rate, "rate_vs_closed_loop": fraction,
-                   **asyncio.run(open_loop(server.url, reqs[:args.requests], rate))}
+                   **asyncio.run(open_loop(server.url, take(args.requests), rate))}
             results["open_loop"].append(row)
             print(f"open loop {rate:.2f} req/s: {row['tokens_per_s']:.0f} tok/s, "
                   f"TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms, "
                   f"ITL p50/p99 {row['itl_p50_ms']:.1f}/{row['itl_p99_ms']:.1f} ms", flush=True)
-        results["sequential_after"] = after = asyncio.run(sequential(server.url, reqs[:args.sequential]))
+        results["sequential_after"] = after = asyncio.run(sequential(server.url, take(args.sequential)))
         print(f"one at a time, again: {after['tokens_per_s']:.0f} tok/s", flush=True)
     finally:
         server.stop()
@@ -373,8 +384,8 @@ def main() -> int:
                                                   "OMP_NUM_THREADS": args.threads, "DOCTORGLM_PROMPT_CACHE_MB": "0"})
     try:
         asyncio.run(sequential(server.url, reqs[:2]))  # warm-up
-        results["closed_loop_no_prompt_cache"] = uncached = asyncio.run(
-            closed_loop(server.url, reqs[:args.requests], args.clients))
+        results["closed_loop_no_prompt_cache"] = uncached = asyncio.run(  # the same questions, on a fresh server
+            closed_loop(server.url, closed_reqs, args.clients))
         print(f"{args.clients} clients closed loop without the prompt cache: {uncached['tokens_per_s']:.0f} tok/s, "
               f"TTFT p50/p99 {uncached['ttft_p50_ms']:.0f}/{uncached['ttft_p99_ms']:.0f} ms", flush=True)
     finally:
@@ -383,7 +394,7 @@ def main() -> int:
     results["sequential"] = {**seq, "tokens_per_s": base}
     for row in results["open_loop"]:
         row["vs_sequential"] = row["tokens_per_s"] / base
-    peer_reqs = reqs[:args.requests]
+    peer_reqs = closed_reqs
     results["engine_in_process"] = ours = engine_in_process(model_dir, peer_reqs, (1, 8))
     results["transformers_peer"] = peer = transformers_peer(model_dir, peer_reqs)
     b1, b8 = ours["steps"]["1"]["step_ms"], ours["steps"]["8"]["step_ms"]

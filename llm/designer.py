@@ -16,7 +16,7 @@ from knowledge.search import Retriever, SearchResult
 from safety.triage import Triage
 
 from .chat_format import ChatTurn
-from .prompt import compose_message, is_chinese
+from .prompt import compose_message, is_chinese, shared_beginning
 
 UNCERTAIN_NOTE = {
     "zh": "说明：根据目前的描述，知识库还不能确定是哪一种疾病，参考资料列出的只是几种可能，请由医生面诊确认。",
@@ -43,6 +43,8 @@ class DesignedPrompt:
     uncertainty_note: str = ""
     # What retrieval took from a structured patient record (PatientContext.used()); empty without one.
     patient: dict[str, Any] = field(default_factory=dict)
+    # The start of `message` with no patient text in it (prompt.shared_beginning): the prompt cache may keep it.
+    shared_prefix: str = ""
 
 
 def triage_facts(patient: PatientContext | None) -> dict[str, Any]:
@@ -84,7 +86,8 @@ class PromptDesigner:
                patient: PatientContext | None = None) -> DesignedPrompt:
         history = history or []
         if not use_knowledge:
-            return DesignedPrompt(message=compose_message(question, "", urgent_note))
+            return DesignedPrompt(message=compose_message(question, "", urgent_note),
+                                  shared_prefix=shared_beginning(question, "", urgent_note))
         started = time.perf_counter()
         result, brief = self.brief(question, [t.user for t in history], suspects, patient)
         references = []
@@ -104,6 +107,7 @@ class PromptDesigner:
             note = UNCERTAIN_NOTE[lang]
         return DesignedPrompt(
             message=compose_message(question, brief.text if brief else "", urgent_note),
+            shared_prefix=shared_beginning(question, brief.text if brief else "", urgent_note),
             keywords=list(result.keywords),
             references=references,
             confident=bool(result.confident),

@@ -26,6 +26,21 @@ def is_chinese(text: str) -> bool:
     return sum(1 for c in letters if _CJK.match(c)) * 5 >= len(letters)
 
 
+def question_label(question: str) -> str:
+    return "患者的问题：" if is_chinese(question) else "Patient's question: "
+
+
+def shared_beginning(question: str, brief: str = "", urgent_note: str = "") -> str:
+    """The start of compose_message(question, brief, urgent_note) that holds no patient text (the urgent note,
+    the library brief, the question's label): what the engine may keep for later prompts. Empty for a bare
+    question."""
+    if not brief and not urgent_note:
+        return ""
+    message = compose_message(question, brief, urgent_note)
+    label = question_label(question)
+    return message[:message.index(label + question.strip()) + len(label)]
+
+
 def compose_message(question: str, brief: str = "", urgent_note: str = "") -> str:
     """The user message for the model: optional urgent note, optional disease brief, the question.
 
@@ -40,7 +55,6 @@ def compose_message(question: str, brief: str = "", urgent_note: str = "") -> st
         parts.append(urgent_note)
     if brief:
         parts.append(f"{KNOWLEDGE_HEADER}\n{brief}")
-    label = "患者的问题：" if is_chinese(question) else "Patient's question: "
-    parts.append(f"{label}{question}")
+    parts.append(f"{question_label(question)}{question}")
     parts.append(ANSWER_INSTRUCTION_ZH if is_chinese(question) else ANSWER_INSTRUCTION_EN)
     return "\n\n".join(parts)

@@ -43,7 +43,7 @@ async def start_chat(runtime: Runtime, chat: ChatInput, request_id: str, key_id:
     if assessment.level == "emergency":
         runtime.metrics.emergencies.inc()
     request = GenerationRequest(message=designed.message, history=chat.history, params=chat.params,
-                                request_id=request_id)
+                                request_id=request_id, shared_prefix=designed.shared_prefix)
     try:
         prompt_ids = runtime.engine.prepare(request)
         if chat.max_length is not None and prompt_ids is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -29,11 +31,6 @@ class Metrics:
         self.retrieval = Histogram("doctorglm_retrieval_seconds", "Prompt designer retrieval latency",
                                    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5), registry=r)
         self.emergencies = Counter("doctorglm_red_flags", "Requests triaged as emergencies", registry=r)
-        self.prompt_tokens = Gauge("doctorglm_prompt_tokens", "Prompt tokens prefilled since start", registry=r)
-        self.prompt_cache_reused = Gauge("doctorglm_prompt_cache_reused_tokens",
-                                         "Prompt tokens since start whose keys/values came from the prompt cache",
-                                         registry=r)
-        self.prompt_cache_bytes = Gauge("doctorglm_prompt_cache_bytes", "Memory the prompt cache holds", registry=r)
         self.finish = Counter("doctorglm_finish_reasons", "Finished generations by reason", ["reason"], registry=r)
 
     def watch_engine(self, stats: Callable[[], dict[str, int]]) -> None:
@@ -41,6 +38,21 @@ class Metrics:
         self.active_streams.set_function(lambda: stats()["active"])
         self.queued_requests.set_function(lambda: stats()["queued"])
         self.queue_depth.set_function(lambda: stats()["queued"])
-        self.prompt_tokens.set_function(lambda: stats().get("prompt_tokens", 0))
-        self.prompt_cache_reused.set_function(lambda: stats().get("prompt_cache_reused_tokens", 0))
-        self.prompt_cache_bytes.set_function(lambda: stats().get("prompt_cache_bytes", 0))
+        self.registry.register(_PromptCacheCollector(stats))
+
+
+class _PromptCacheCollector(Collector):
+    """The engine's prompt-cache totals as counters (the engine counts; one stats() call per scrape)."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        yield CounterMetricFamily("doctorglm_prompt_tokens", "Prompt tokens prefilled, cached ones included",
+                                  value=stats.get("prompt_tokens", 0))
+        yield CounterMetricFamily("doctorglm_prompt_cache_reused_tokens",
+                                  "Prompt tokens whose keys/values came from the prompt cache",
+                                  value=stats.get("prompt_cache_reused_tokens", 0))
+        yield GaugeMetricFamily("doctorglm_prompt_cache_bytes", "Memory the prompt cache holds",
+                                value=stats.get("prompt_cache_bytes", 0))

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm.chat_format import ChatTurn
 from llm.loading import LoadedModel, load_model
 from llm.tiny_model import build_glm, iter_jsonl_text, local_corpus_files, train_tokenizer
-from service.engine.local import LocalEngine
+from service.engine.local import LocalEngine, StreamHandle
 from service.engine.types import Finished, GenerationRequest, SamplingParams, TokenDelta
 
 QUESTION = "孩子发烧三天，咳嗽有痰，怎么办？"
@@ -214,17 +215,21 @@ BRIEF = ("以下是与患者描述可能相关的疾病资料：上呼吸道感�
 
 
 def test_prompts_reusing_a_cached_beginning_match_the_reference(model_dir: Path) -> None:
-    """Rows that start with a cached prompt prefix prefill only the rest, alone and grouped with padding,
-    and compute what a full prefill computes (this model's random weights barely use positions, so the
-    log-probabilities are compared, not only the greedy text)."""
+    """Rows that start with a cached prompt prefix prefill only the rest, alone and in one padded group, and
+    compute what a full prefill computes. This model's random weights barely use positions (positions that
+    restart at 0 after the cached part give the same greedy text), so the log-probabilities are compared:
+    that tolerance is what guards the positions."""
     loaded = load_model(model_dir)
     questions = [BRIEF + q for q in ("孩子发烧三天", "咳嗽有痰怎么办，晚上咳得厉害", "头痛", "嗓子疼两天了还有点低烧")]
     scored = SamplingParams(max_new_tokens=STEPS, min_new_tokens=STEPS, temperature=0.0, logprobs=0)
 
+    def request(question: str) -> GenerationRequest:
+        return GenerationRequest(message=question, params=scored, shared_prefix=BRIEF)
+
     def run(eng: LocalEngine) -> list[tuple[str, list[float], int]]:
-        async def one(question: str) -> tuple[str, list[float], int]:
+        async def one(handle: StreamHandle) -> tuple[str, list[float], int]:
             text, logprobs, prompt_tokens = "", [], 0
-            async for event in eng.stream(GenerationRequest(message=question, params=scored)):
+            async for event in handle:
                 if isinstance(event, TokenDelta):
                     text += event.text
                     logprobs += [t.logprob for t in event.logprobs]
@@ -233,8 +238,10 @@ def test_prompts_reusing_a_cached_beginning_match_the_reference(model_dir: Path)
             return text, logprobs, prompt_tokens
 
         async def scenario() -> list[tuple[str, list[float], int]]:
-            first = await one(questions[0])  # fills the cache
-            return [first, *await asyncio.gather(*(one(q) for q in questions[1:]))]  # one padded group after it
+            first = await one(eng.submit(request(questions[0])))  # fills the cache
+            with eng._cv:  # the worker cannot take any of the three before all are queued: one group
+                handles = [eng.submit(request(q)) for q in questions[1:]]
+            return [first, *await asyncio.gather(*(one(h) for h in handles))]
 
         eng.start()
         try:
@@ -245,14 +252,43 @@ def test_prompts_reusing_a_cached_beginning_match_the_reference(model_dir: Path)
     cached_engine = LocalEngine(loaded, max_batch_size=8, context_tokens=1024, prompt_cache_mb=16)
     cached = run(cached_engine)
     full = run(LocalEngine(loaded, max_batch_size=8, context_tokens=1024, prompt_cache_mb=0))
-    cache = cached_engine.prompt_cache
-    assert cache is not None and len(cache) >= 3
-    assert cache.hits == 3 and cache.reused_tokens >= 3 * 3 * 32
+    assert cached_engine.timings.prefills == 2  # the first alone, then the other three together
+    assert cached_engine.prompt_cache is not None and len(cached_engine.prompt_cache) >= 3
+    assert cached_engine.stats()["prompt_cache_reused_tokens"] >= 3 * 3 * 32
     assert [(text, tokens) for text, _, tokens in cached] == [(text, tokens) for text, _, tokens in full]
     assert max(abs(a - b) for (_, x, _), (_, y, _) in zip(cached, full, strict=True)
                for a, b in zip(x, y, strict=True)) < 1e-4
     prompt_ids = cached_engine.prepare(GenerationRequest(message=questions[2], params=GREEDY))
     assert cached[2][0] == reference_greedy(loaded, prompt_ids, None, STEPS, cached_engine.eos_ids)
+
+
+def test_the_prompt_cache_keeps_no_patient_text(model_dir: Path) -> None:
+    """Only the shared beginning (template and brief) is kept: never the question, never a conversation's
+    history, nothing of a request that names no shared beginning."""
+    loaded = load_model(model_dir)
+    eng = LocalEngine(loaded, max_batch_size=8, context_tokens=1024, prompt_cache_mb=16)
+    question = BRIEF + "我最近" + "头痛恶心，晚上睡不着" * 8  # the patient's words: far more than a block
+    shared = GenerationRequest(message=question, params=GREEDY, shared_prefix=BRIEF)
+    ids = eng.prepare(shared)
+    limit = eng._cacheable_tokens(shared, ids)
+    brief_ids = eng.prepare(GenerationRequest(message=BRIEF, params=GREEDY))
+    assert 32 <= limit < len(brief_ids) <= len(ids) - 32
+    assert eng._cacheable_tokens(GenerationRequest(message=question, params=GREEDY), ids) == 0
+    history = GenerationRequest(message=question, params=GREEDY, shared_prefix=BRIEF,
+                                history=[ChatTurn("我头痛", "请问多久了？")])
+    assert eng._cacheable_tokens(history, eng.prepare(history)) == 0
+
+    async def go() -> None:
+        for request in (shared, GenerationRequest(message=question, params=GREEDY)):
+            async for _ in eng.stream(request):
+                pass
+
+    eng.start()
+    try:
+        asyncio.run(go())
+    finally:
+        eng.stop()
+    assert eng.prompt_cache is not None and 0 < len(eng.prompt_cache) * 32 <= limit
 
 
 def test_no_prompt_cache_where_a_prefix_depends_on_what_follows(model_dir: Path) -> None:

@@ -127,3 +127,12 @@ def test_rows_without_top_p_draw_their_first_uniform_in_vocabulary_order() -> No
     rows = RowSampling([1.0, 1.0], [1.0, 0.3], [0, 0], [1.0, 1.0], CPU)
     # Row 0: cumulative 0.1, 0.3, 0.6, 1.0 puts 0.25 on token 1. Row 1 (top_p 0.3): only token 0 is kept.
     assert sample(logits, rows, None, uniforms).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("top_p, top_k", [(1.0, 0), (1.0, 2), (0.9, 0)])
+def test_a_zero_uniform_never_draws_a_token_of_probability_zero(top_p: float, top_k: int) -> None:
+    # Token 0 is removed (-inf, as min_new_tokens does to EOS) or falls outside top-k; a uniform of exactly 0
+    # must still land on a token the row may emit.
+    logits = torch.tensor([[float("-inf") if top_k == 0 else -5.0, 1.0, 2.0, 0.5]])
+    rows = RowSampling([1.0], [top_p], [top_k], [1.0], CPU)
+    assert int(sample(logits, rows, None, torch.zeros((1, UNIFORMS)))[0]) != 0

@@ -17,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,7 @@ class _Row:
     done: bool = False
     pending: list[TokenLogprob] = field(default_factory=list)  # logprobs of tokens whose text is held back
     past: Any = None  # serial mode only: this row's own cache
+    cacheable: int = 0  # leading prompt tokens without patient text: the prompt cache may keep these
     enqueued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 
@@ -160,9 +161,14 @@ class LocalEngine:
         if self.prefix and not self.batched:
             raise ValueError("a P-tuning prefix needs a model with a transformers DynamicCache (the batched path)")
         # Reused prompt beginnings (prompt_cache.py): batched path, causal prompts, no P-tuning prefix before them.
-        self.prompt_cache = (PromptCache(prompt_cache_mb * 2**20)
-                             if prompt_cache_mb > 0 and self.batched and not self.prefix
-                             and self.positions.prompt_prefix_reusable else None)
+        # Off unless asked for (prompt_cache_mb; the service's setting DOCTORGLM_PROMPT_CACHE_MB is 512).
+        refused = ("the model runs on the serial path" if not self.batched else
+                   "a P-tuning prefix comes before every prompt" if self.prefix else
+                   "its prompt attends both ways (a prefix's keys depend on what follows)"
+                   if not self.positions.prompt_prefix_reusable else "")
+        self.prompt_cache = PromptCache(prompt_cache_mb * 2**20) if prompt_cache_mb > 0 and not refused else None
+        if prompt_cache_mb > 0 and refused:
+            log.info("prompt cache off for this model: %s", refused)
         # transformers' sdpa takes a prepared 4-D bool mask as is, so the batch's mask is a view, never rebuilt;
         # other attention code (and the project's own model classes) gets the 2-D padding mask.
         self._bool_mask = (type(self.model).__module__.startswith("transformers.")
@@ -178,6 +184,7 @@ class LocalEngine:
         self._sampling: RowSampling | None = None
         self.steps = 0
         self.prompt_tokens = 0  # prefilled prompt tokens since start, cached ones included
+        self.reused_tokens = 0  # of those, the ones whose keys/values came from the prompt cache
         self.timings = StepTimings()
         self.ready = False
 
@@ -205,8 +212,7 @@ class LocalEngine:
     def stats(self) -> dict[str, int]:
         cache = self.prompt_cache
         return {"active": len(self._rows), "queued": len(self._waiting), "prompt_tokens": self.prompt_tokens,
-                "prompt_cache_reused_tokens": cache.reused_tokens if cache else 0,
-                "prompt_cache_bytes": cache.bytes if cache else 0}
+                "prompt_cache_reused_tokens": self.reused_tokens, "prompt_cache_bytes": cache.bytes if cache else 0}
 
     def model_summary(self) -> dict[str, str | None]:
         from llm.quantize import model_summary
@@ -244,13 +250,25 @@ class LocalEngine:
             raise PromptTooLong("the prompt is empty")
         seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
         row = _Row(request=request, prompt_ids=list(ids), loop=asyncio.get_running_loop(), queue=asyncio.Queue(),
-                   generator=torch.Generator().manual_seed(seed), decoder=IncrementalDecoder(self.tokenizer))
+                   generator=torch.Generator().manual_seed(seed), decoder=IncrementalDecoder(self.tokenizer),
+                   cacheable=self._cacheable_tokens(request, list(ids)))
         with self._cv:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting)")
             self._waiting.append(row)
             self._cv.notify()
         return StreamHandle(row)
+
+    def _cacheable_tokens(self, request: GenerationRequest, ids: list[int]) -> int:
+        """How many leading prompt tokens hold no patient text: the chat template's start and the designed
+        message's shared beginning (its brief), found as the tokens the prompt shares with the prompt of that
+        beginning alone. None with history (earlier patient turns come first) or for raw prompts."""
+        shared = request.shared_prefix
+        if (self.prompt_cache is None or not shared or request.history or request.raw
+                or request.raw_ids is not None or not request.message.startswith(shared)):
+            return 0
+        alone = build_prompt_ids(self.tokenizer, [], shared, len(ids) + 1)
+        return next((i for i, (a, b) in enumerate(zip(ids, alone, strict=False)) if a != b), min(len(ids), len(alone)))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         handle = self.submit(request)
@@ -346,13 +364,12 @@ class LocalEngine:
             if row.request.params.prompt_logprobs:
                 self._guarded(self._prefill_group, [row])
                 continue
-            cached = self.prompt_cache.match(row.prompt_ids) if self.prompt_cache else None
+            cached = self.prompt_cache.match(row.prompt_ids, row.cacheable) if self.prompt_cache else None
             groups.setdefault(cached.node.id if cached else 0, (cached, []))[1].append(row)
         for cached, rows in groups.values():
-            skip = cached.length if cached else 0
             chunk: list[_Row] = []
             for row in sorted(rows, key=lambda r: len(r.prompt_ids)):
-                longest = len(row.prompt_ids) - skip
+                longest = len(row.prompt_ids)  # the forward's cache holds the cached part too
                 if chunk and longest * (len(chunk) + 1) > PREFILL_TOKEN_BUDGET:
                     self._guarded(self._prefill_group, chunk, cached)
                     chunk = []
@@ -360,19 +377,21 @@ class LocalEngine:
             if chunk:
                 self._guarded(self._prefill_group, chunk, cached)
 
-    def _guarded(self, prefill: Any, rows: list[_Row], *args: Any) -> None:
+    def _guarded(self, prefill: Callable[..., None], rows: list[_Row], cached: CachedPrefix | None = None) -> None:
         """Prefill a group; when it fails, retry its rows one by one so that a bad request fails alone."""
         started = time.perf_counter()
+        args = (cached,) if cached is not None else ()
         try:
             prefill(rows, *args)
             self.prompt_tokens += sum(len(r.prompt_ids) for r in rows)
+            self.reused_tokens += (cached.length if cached else 0) * len(rows)
             self.timings.prefills += 1
             self.timings.prefill_rows += len(rows)
             self.timings.prefill_s += time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - the requests fail, never the worker
             if len(rows) > 1:
                 for row in rows:
-                    self._guarded(prefill, [row], *args)
+                    self._guarded(prefill, [row], cached)
                 return
             log.exception("prefill failed")
             self._finish(rows[0], "error", error=f"generation failed: {type(exc).__name__}")
@@ -421,11 +440,7 @@ class LocalEngine:
         logprobs = self._token_logprobs(rows, out.logits[:, -1, :], tokens)
         cache = _output_cache(out)
         if self.prompt_cache is not None and not echo:
-            for i, row in enumerate(rows):
-                own = p + longest - lengths[i]  # where this row's own tokens start in the forward's cache
-                self.prompt_cache.insert(row.prompt_ids, skip,
-                                         [(layer.keys[i:i + 1, :, own:], layer.values[i:i + 1, :, own:])
-                                          for layer in cache.layers], after=cached)
+            self._keep_prompts(rows, cache, skip, [p + longest - length for length in lengths], cached)
         first = torch.cat([self.positions.first(r.prompt_ids, self.device) for r in rows], dim=0)
         # Nothing that can fail comes after the rows join (`_accept` guards itself): a failed group is retried
         # row by row (_guarded), and a row already in the batch would then be there twice.
@@ -439,6 +454,19 @@ class LocalEngine:
                 self._finish(row, "length")
                 continue
             self._accept(row, token, logprobs[i] if logprobs else None)
+
+    def _keep_prompts(self, rows: list[_Row], cache: Any, skip: int, own: list[int],
+                      cached: CachedPrefix | None) -> None:
+        """Store the rows' new cacheable blocks (own[i]: where row i's tokens after `skip` start in the forward's
+        cache). A cache that cannot store (out of memory) is emptied: it must never fail a request."""
+        try:
+            for i, row in enumerate(rows):
+                self.prompt_cache.insert(row.prompt_ids, skip,
+                                         [(layer.keys[i:i + 1, :, own[i]:], layer.values[i:i + 1, :, own[i]:])
+                                          for layer in cache.layers], row.cacheable, after=cached)
+        except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors are RuntimeErrors
+            log.warning("prompt cache emptied: could not store a prompt (%s)", type(exc).__name__)
+            self.prompt_cache.clear()
 
     def _serial_prefill(self, rows: list[_Row]) -> None:
         row = rows[0]

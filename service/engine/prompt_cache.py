@@ -7,6 +7,10 @@ a match is exact token for token), and a new prompt prefills only what follows i
 Least recently used blocks go first when the byte budget is full; a block's ancestors are always more
 recent than it, so only leaves are ever dropped and every remaining chain stays whole.
 
+Only the part of a prompt without patient text is kept (the engine passes a `limit`: the chat template's start
+and the designed message's brief, never the question or the history), so no patient's words stay in memory
+and a later request's speed says nothing about another patient's question.
+
 Only for models whose keys/values at a position depend on the tokens before it alone (causal attention with
 positions 0, 1, 2, ...): ChatGLM-6B's prompt attends both ways, so a prefix's keys change with what follows.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import collections
 import itertools
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -36,20 +41,29 @@ class _Node:
 
 @dataclass
 class CachedPrefix:
-    """The longest cached beginning of a prompt: `length` tokens and their keys/values."""
+    """The longest cached beginning of a prompt: `length` tokens; their keys/values are concatenated only when
+    a prefill asks for them (once per group of rows that share this beginning)."""
 
     length: int
-    layers: LayersKV
-    node: _Node = field(repr=False)
+    path: list[_Node] = field(repr=False)
+
+    @property
+    def node(self) -> _Node:
+        return self.path[-1]
+
+    @cached_property
+    def layers(self) -> LayersKV:
+        return [(torch.cat([n.layers[i][0] for n in self.path], dim=2),
+                 torch.cat([n.layers[i][1] for n in self.path], dim=2)) for i in range(len(self.path[0].layers))]
 
 
 class PromptCache:
+    """Blocks of prompt keys/values in a tree, within a byte budget (least recently used leaves go first)."""
+
     def __init__(self, max_bytes: int, block: int = BLOCK) -> None:
         self.max_bytes = max_bytes
         self.block = block
         self.bytes = 0
-        self.hits = 0  # prompts that reused a prefix
-        self.reused_tokens = 0
         self._nodes: dict[tuple[int, tuple[int, ...]], _Node] = {}
         self._lru: collections.OrderedDict[int, _Node] = collections.OrderedDict()  # least recent first
         self._ids = itertools.count(1)
@@ -57,27 +71,25 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._nodes)
 
-    def match(self, ids: list[int]) -> CachedPrefix | None:
-        """The longest cached prefix of ids in whole blocks, leaving at least one token to prefill."""
-        path = self._path(ids, limit=len(ids) - 1)
+    def match(self, ids: list[int], limit: int) -> CachedPrefix | None:
+        """The longest cached prefix of ids in whole blocks within the first `limit` tokens, leaving at least
+        one token to prefill."""
+        path = self._path(ids, limit=min(limit, len(ids) - 1))
         if not path:
             return None
         self._touch(path[-1])
-        self.hits += 1
-        self.reused_tokens += len(path) * self.block
-        layers = [(torch.cat([n.layers[i][0] for n in path], dim=2), torch.cat([n.layers[i][1] for n in path], dim=2))
-                  for i in range(len(path[0].layers))]
-        return CachedPrefix(length=len(path) * self.block, layers=layers, node=path[-1])
+        return CachedPrefix(length=len(path) * self.block, path=path)
 
-    def insert(self, ids: list[int], start: int, layers: LayersKV, after: CachedPrefix | None = None) -> None:
-        """Keep the whole blocks of ids from `start` (a block boundary: 0 or after.length); layers hold the
-        keys/values of ids[start:] as (1, kv heads, len(ids) - start, head dim)."""
+    def insert(self, ids: list[int], start: int, layers: LayersKV, limit: int,
+               after: CachedPrefix | None = None) -> None:
+        """Keep the whole blocks of ids[start:limit] (start: a block boundary, 0 or after.length); layers hold
+        the keys/values of ids[start:] as (1, kv heads, len(ids) - start, head dim)."""
         if self.max_bytes <= 0:
             return
         parent = after.node if after is not None else None
         if parent is not None and self._nodes.get(parent.key) is not parent:
             return  # the prefix it extends was dropped meanwhile: its blocks could never be found
-        for begin in range(start, len(ids) - self.block + 1, self.block):
+        for begin in range(start, min(limit, len(ids)) - self.block + 1, self.block):
             key = (parent.id if parent else 0, tuple(ids[begin:begin + self.block]))
             node = self._nodes.get(key)
             if node is None:
@@ -97,6 +109,7 @@ class PromptCache:
             self._evict()
 
     def clear(self) -> None:
+        """Forget everything (after a failure to store: a cache must never fail a request)."""
         self._nodes.clear()
         self._lru.clear()
         self.bytes = 0

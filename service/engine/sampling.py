@@ -62,7 +62,10 @@ def sample(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None,
     # Draws from the whole distribution in vocabulary order: rows without top-p take the first as it is.
     cumulative = probs.cumsum(dim=-1)
     rounds = REJECTION_ROUNDS if rows.any_top_p else 1
-    proposals = torch.searchsorted(cumulative, uniforms[:, :rounds] * cumulative[:, -1:]).clamp_(max=vocab - 1)
+    # right=True: the first token whose running total passes the target, so a uniform of exactly 0 never lands
+    # on a leading token of probability 0 (one top-k or min_new_tokens removed).
+    proposals = torch.searchsorted(cumulative, uniforms[:, :rounds] * cumulative[:, -1:],
+                                   right=True).clamp_(max=vocab - 1)
     sampled = proposals[:, 0]
     if rows.any_top_p:
         nucleus = rows.top_p.squeeze(-1) < 1.0
@@ -109,4 +112,5 @@ def _threshold_nucleus(probs: torch.Tensor, top_p: torch.Tensor, targets: torch.
         high = torch.where(enough, high, middle)
     kept = probs * (probs >= low)
     cumulative = kept.cumsum(dim=-1)
-    return torch.searchsorted(cumulative, targets * cumulative[:, -1:]).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    return torch.searchsorted(cumulative, targets * cumulative[:, -1:],
+                              right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)

@@ -41,6 +41,9 @@ class GenerationRequest:
     # raw_ids are the prompt's token ids.
     raw: bool = False
     raw_ids: list[int] | None = None
+    # The start of `message` that holds no patient text (the designer's brief and notes): the prompt cache may
+    # keep its keys/values for later requests. Empty: nothing of this request is kept.
+    shared_prefix: str = ""
 
 
 @dataclass(frozen=True)
