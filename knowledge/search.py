@@ -464,13 +464,6 @@ class Retriever:
                 final = np.multiply(bm, 1 / top, out=bm)
                 final += np.multiply(cov, s.w_coverage, out=cov)
                 final += self._all_priors(cues)
-                heard = None  # the patients' words part of the score
-                if self.view is not None and s.w_view_words and (s.view_children or not cues.child):
-                    said = self.view.word_scores(self._view_weights(weights, current), self.size)
-                    best = said.max()
-                    if best > 0:
-                        heard = np.multiply(said, s.w_view_words / best, out=said)
-                        final += heard
                 bonus = self._name_bonus(named)
                 for r, value in self._suspect_rows(suspects).items():
                     bonus[r] = max(bonus.get(r, 0.0), value)
@@ -480,18 +473,31 @@ class Retriever:
                 if s.w_single and n_query >= 2:
                     final -= s.w_single * (n_hit <= 1)
                 final[no_match] = -np.inf
-                rows = _top(final, max(k, s.fusion_depth))
-                rows = rows[np.isfinite(final[rows])]
+                depth = max(k, s.fusion_depth)
+                # Confidence reads the library's evidence alone (scores without the patients' words): the
+                # view lifts a disease many patients ask about without telling it apart from its neighbours.
+                library = final
+                heard = None  # the patients' words part of the score
+                if self.view is not None and s.w_view_words and (s.view_children or not cues.child):
+                    said = self.view.word_scores(self._view_weights(weights, current), self.size)
+                    best = said.max()
+                    if best > 0:
+                        heard = np.multiply(said, s.w_view_words / best, out=said)
+                        library = final.copy()
+                        final += heard
+                rows = _finite_top(final, depth)
+                lib_rows = rows if heard is None else _finite_top(library, depth)
+                gap = library[lib_rows[0]] - library[lib_rows[1]] if len(lib_rows) > 1 else np.inf
+                lib_first = int(lib_rows[0]) if len(lib_rows) else -1
                 final = final[rows]
-                gap = final[0] - final[1] if len(final) > 1 else np.inf
-                if heard is not None and len(rows) > 1:
-                    # Confidence reads the library's evidence alone: the patients' words lift a disease
-                    # many patients ask about without telling it apart from its neighbours.
-                    gap -= heard[rows[0]] - heard[rows[1]]
                 if s.fusion_depth and not cues.child and not suspects and len(rows) > 1:
                     listed = "、".join(patient.symptoms) if patient is not None else ""
-                    rows, final, agreed = self._fuse(" ".join(t for t in (query, listed) if t), rows,
-                                                     heard if s.view_fused else None)
+                    plain = self.plain_scores(self.plain_tokens(" ".join(t for t in (query, listed) if t)))
+                    # Agreement, as the gap, from the library's rankings alone (fielded and plain BM25):
+                    # the three-way fusion below only orders the results.
+                    agreed = bool(self._fusion(plain, lib_rows)[0][0] == 0)
+                    rows, final = self._fuse(plain, rows, heard if s.view_fused else None)
+                agreed = agreed and len(rows) > 0 and int(rows[0]) == lib_first
                 rows, final = rows[:k], final[:k]
             else:
                 rows, final = np.zeros(0, dtype=int), np.zeros(0)
@@ -500,29 +506,32 @@ class Retriever:
         margin = s.confident_margin if s.mode == "plain" or cues.child else s.confident_margin_without_child
         if s.mode == "plain":
             gap = final[0] - final[1] if len(final) > 1 else np.inf
-        # Confident: the best document leads the hand-weighted ranking by the margin, and (when the two
-        # rankings were fused) plain BM25 agrees on it.
+        # Confident: the best document by the library's evidence leads its hand-weighted ranking by the
+        # margin, (when fused) plain BM25 agrees on it, and it is still first in the final order.
         confident = bool(hits) and gap >= margin and agreed
         latency = (time.perf_counter() - start) * 1000
         return SearchResult(query=query, keywords=keywords, hits=hits, confident=confident and bool(hits),
                             latency_ms=latency, negated=negated, cues=cues.as_dict())
 
-    def _fuse(self, text: str, rows: np.ndarray, heard: np.ndarray | None = None,
-              ) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Reciprocal-rank fusion (1/(K + rank), K = 60 as Cormack et al. 2009) of the fielded ranking,
+    def _fusion(self, plain: np.ndarray, rows: np.ndarray, heard: np.ndarray | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Reciprocal-rank fusion (1/(K + rank), K = 60 as Cormack et al. 2009) of the ranking ``rows``,
         plain BM25 and, when given, the patients' words over the first `fusion_depth` rows; later rows
-        keep their order. Returns the rows, their
-        fused scores (never rising down the list) and whether the fused first is the fielded first."""
+        keep their order. Returns the new order (positions into ``rows``) and the fused scores."""
         s = self.settings
-        plain = self.plain_scores(self.plain_tokens(text))
         ranks = np.array([(plain > plain[r]).sum() if plain[r] > 0 else self.size for r in rows.tolist()])
         fused = 1 / (s.fusion_k + 1 + np.arange(len(rows))) + 1 / (s.fusion_k + 1 + ranks)
         if heard is not None:  # the patients' words, a third view
             view_ranks = np.array([(heard > heard[r]).sum() if heard[r] > 0 else self.size for r in rows.tolist()])
             fused += 1 / (s.fusion_k + 1 + view_ranks)
         depth = min(s.fusion_depth, len(rows))
-        order = np.concatenate([np.argsort(-fused[:depth], kind="stable"), np.arange(depth, len(rows))])
-        return rows[order], np.minimum.accumulate(fused[order]), bool(order[0] == 0)
+        return np.concatenate([np.argsort(-fused[:depth], kind="stable"), np.arange(depth, len(rows))]), fused
+
+    def _fuse(self, plain: np.ndarray, rows: np.ndarray, heard: np.ndarray | None = None,
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """The rows in `_fusion`'s order and their fused scores (never rising down the list)."""
+        order, fused = self._fusion(plain, rows, heard)
+        return rows[order], np.minimum.accumulate(fused[order])
 
     def _hit(self, row: int, score: float, keywords: list[str], matcher: ahocorasick.Automaton | None) -> Hit:
         """A ranked document with the query keywords found in its text and the sections holding them."""
@@ -554,6 +563,12 @@ def _automaton(words: Sequence[str]) -> ahocorasick.Automaton:
         matcher.add_word(word, word)
     matcher.make_automaton()
     return matcher
+
+
+def _finite_top(scores: np.ndarray, k: int) -> np.ndarray:
+    """`_top` without the documents excluded (-inf)."""
+    rows = _top(scores, k)
+    return rows[np.isfinite(scores[rows])]
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:

@@ -164,3 +164,31 @@ def test_confidence_reads_the_library_evidence_alone(with_dialogues: Path, tmp_p
     res = loud.search(COMPLAINT)
     assert res.hits[0].disease.id == "g2" and res.hits[0].score - res.hits[1].score > 5
     assert not res.confident  # the library ties 胃溃疡 and 功能性消化不良: the patients' words do not settle it
+
+
+# 慢性胃炎 is as close to 胃溃疡 as the library can tell; 冠心病 shares one word (胸闷) with the complaint
+# below, and its patients' words (胸口闷得慌) lift it into second place.
+GASTRITIS = {"id": "g7", "name": "慢性胃炎", "description": "胃黏膜的慢性炎症。",
+             "symptoms": ["上腹痛", "反酸", "黑便", "嗳气"], "diagnosis": "胃镜见炎症。"}
+STOMACH_AND_CHEST = "上腹痛，反酸，黑便，胸闷，胸口闷得慌"
+
+
+def test_the_view_never_makes_a_fused_search_confident(tmp_path: Path) -> None:
+    lib = write_jsonl(tmp_path / "lib.jsonl", [*DOCS, GASTRITIS])
+    write_jsonl(tmp_path / "dialogues" / "talks.jsonl", DIALOGUES)
+    r = Retriever.load_or_build(lib, tmp_path / "cache", progress=False)
+    # Fusion on (the default depth); a low margin, so that the library's lead over the weak third counts.
+    settings = SearchSettings(w_view_words=1.0, confident_margin_without_child=0.3)
+    heard, alone = Retriever(r.index, settings, r.view), Retriever(r.index, settings)
+    res, lib_only = heard.search(STOMACH_AND_CHEST), alone.search(STOMACH_AND_CHEST)
+    assert [h.disease.id for h in res.hits[:2]] == ["g2", "g3"]  # the view's second
+    assert [h.disease.id for h in lib_only.hits[:2]] == ["g2", "g7"]  # the library's close second
+    assert not lib_only.confident
+    assert not res.confident  # the margin is against 慢性胃炎, not against the lifted 冠心病
+    claimed = 0
+    for q in (STOMACH_AND_CHEST, "上腹痛，黑便，胸口闷得慌", COMPLAINT, "胸闷，喘不上气", "打喷嚏，鼻子痒痒的",
+              "上腹痛，反酸，胸闷", "尿频尿急，胸口闷得慌"):
+        with_view = heard.search(q).confident
+        claimed += with_view
+        assert not with_view or alone.search(q).confident, q
+    assert claimed  # the rule still lets the library's clear leads through
