@@ -11,10 +11,25 @@ from pathlib import Path
 DEFAULT_CACHE = Path(".cache/knowledge")
 
 
+class UsageError(Exception):
+    """A command line that cannot be run as asked: printed as an error, exit code 2 (as argparse's)."""
+
+
+def _dialogue_folder(value: str, option: str) -> Path:
+    from knowledge.dialogue_view import dialogue_files
+
+    folder = Path(value)
+    if not folder.is_dir():
+        raise UsageError(f"{option} {value}: no such folder")
+    if not dialogue_files(folder):
+        raise UsageError(f"{option} {value}: no dialogue files (*.jsonl) in it")
+    return folder
+
+
 def _dialogues(args: argparse.Namespace) -> Path | bool:
     """--dialogues: 'auto' (a dialogues/ folder beside the library), 'none', or a folder."""
     value = getattr(args, "dialogues", "auto")
-    return True if value == "auto" else False if value == "none" else Path(value)
+    return True if value == "auto" else False if value == "none" else _dialogue_folder(value, "--dialogues")
 
 
 def _retriever(args: argparse.Namespace, progress: bool = True, dialogues: Path | bool | None = None,
@@ -69,15 +84,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     data: Path | list[dict] = Path(args.data)
     if data.is_dir():  # a dialogues folder: its held-out questions that do not name their disease
-        r = _retriever(args, dialogues=data)
-        assert r.view is not None
+        folder = _dialogue_folder(args.data, "--data")
+        if args.dialogues not in ("auto", "none"):
+            raise UsageError("--data DIR evaluates the view built from DIR's own training questions; "
+                             "--dialogues may only be auto or none with it")
+        r = _retriever(args, dialogues=folder)
+        if r.view is None:
+            raise UsageError(f"--data {args.data}: the dialogue view could not be built (see the warning above)")
         data = lay_dev_cases(r.view, r.index.meta.names, r.index.meta.aliases)
         if args.dialogues == "none":  # the same questions, searched without the view
             r = type(r)(r.index, r.settings)
+    elif not data.is_file():
+        raise UsageError(f"--data {args.data}: no such file or folder")
     else:
         r = _retriever(args)
     out = evaluate(r, data, Path(args.label_map) if args.label_map else None, split=args.split,
                    form=args.form)
+    if not out["n"]:
+        raise UsageError(f"--data {args.data}: no cases to evaluate")
     print(f"[{args.form}, split {args.split}] "
           f"n={out['n']}  top-1={out['top1']:.1%}  top-5={out['top5']:.1%}  MRR={out['mrr']:.3f}  "
           f"confident={out['confident_share']:.0%} (precision "
@@ -147,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show-errors", type=int, default=20)
     p.set_defaults(func=cmd_import)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ set, `python -m knowledge eval --data <dialogues folder>`) and never enters the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,12 +34,14 @@ import ahocorasick
 import bm25s
 import numpy as np
 
-from knowledge.index import _progress
+from knowledge.index import _progress, library_hash
 from knowledge.text import DATA_DIR, normalise
 
 if TYPE_CHECKING:
     from knowledge.index import LibraryIndex
     from knowledge.search import Retriever
+
+log = logging.getLogger(__name__)
 
 VIEW_VERSION = 2  # bump when the labelling, the split or the stored layout changes
 DEV_MOD = 5  # a question whose text hash is 0 mod DEV_MOD is held out: 20%
@@ -84,10 +88,21 @@ def dialogue_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob("*.jsonl") if p.is_file())
 
 
+# The modules whose code decides a question's label and its search words: their source is in the key.
+_CODE = ("dialogue_view.py", "search.py", "text.py", "synonyms.py")
+
+
 def dialogues_hash(folder: Path) -> str:
-    """Content hash of the dialogue files, their names, the code version and the word lists the query
-    processing reads (lay terms, body parts…): any change rebuilds the view."""
+    """Content hash of the dialogue files, their names, the code version, the source of the modules that
+    label and process the questions, the default search settings (the view is built with them) and the
+    word lists the query processing reads (lay terms, body parts…): any change rebuilds the view."""
+    from knowledge.search import SearchSettings
+
     h = hashlib.sha256(f"view{VIEW_VERSION}:{DEV_MOD}:{VIEW_K1}:{VIEW_B}".encode())
+    h.update(json.dumps(dataclasses.asdict(SearchSettings()), sort_keys=True).encode())
+    here = Path(__file__).resolve().parent
+    for name in _CODE:
+        h.update(name.encode() + (here / name).read_bytes())
     for p in dialogue_files(folder):
         h.update(p.name.encode())
         with p.open("rb") as fh:
@@ -99,19 +114,24 @@ def dialogues_hash(folder: Path) -> str:
 
 
 def read_dialogues(folder: Path) -> Iterator[dict[str, str]]:
-    """Records with a question and an answer (title when the file has one), file by file in name order."""
+    """Records with a question and an answer (title when the file has one), file by file in name order.
+    Lines that are not UTF-8 JSON (a GBK export, a cut line) are skipped, with one warning per file."""
     for p in dialogue_files(folder):
-        with p.open(encoding="utf-8") as fh:
-            for line in fh:
+        skipped = 0
+        with p.open("rb") as fh:
+            for raw in fh:
                 try:
-                    rec = json.loads(line)
-                except ValueError:
+                    rec = json.loads(raw.decode("utf-8"))
+                except ValueError:  # UnicodeDecodeError is a ValueError
+                    skipped += raw.strip() != b""
                     continue
                 if isinstance(rec, dict) and isinstance(rec.get("question"), str) and isinstance(
                         rec.get("answer"), str):
                     yield {"question": rec["question"], "answer": rec["answer"],
                            "title": rec.get("title") if isinstance(rec.get("title"), str) else "",
                            "source": p.stem}
+        if skipped:
+            log.warning("%s: %d lines skipped (not UTF-8 JSON)", p, skipped)
 
 
 class NameMatcher:
@@ -189,7 +209,8 @@ def view_terms(retriever: Retriever, text: str) -> dict[str, float]:
 
 
 class DialogueView:
-    """Per-row question counts (the prior) and a BM25 field over each row's patients' words."""
+    """Per-row training question counts (printed, not scored) and a BM25 field over each row's patients'
+    words."""
 
     def __init__(self, counts: np.ndarray, model: bm25s.BM25 | None, doc_rows: np.ndarray,
                  dev: list[dict[str, str]], key: str = "") -> None:
@@ -242,21 +263,33 @@ class DialogueView:
         (tmp / "dev.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in self.dev),
                                        encoding="utf-8")
         shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)  # atomic publish, as the index
+        try:
+            tmp.rename(directory)  # atomic publish, as the index
+        except OSError:
+            # Another process published the same key between the rmtree and the rename: keep its copy.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (directory / "view.npz").is_file():
+                raise
 
     @classmethod
     def load(cls, directory: Path) -> DialogueView:
-        arrays = np.load(directory / "view.npz")
+        with np.load(directory / "view.npz") as arrays:
+            counts, doc_rows = arrays["counts"], arrays["doc_rows"]
         model = bm25s.BM25.load(directory / "words", show_progress=False) if (directory / "words").is_dir() else None
         dev = [json.loads(x) for x in (directory / "dev.jsonl").read_text(encoding="utf-8").splitlines() if x]
-        return cls(arrays["counts"], model, arrays["doc_rows"], dev)
+        return cls(counts, model, doc_rows, dev)
 
     @classmethod
     def load_or_build(cls, index: LibraryIndex, folder: Path, cache_dir: Path, progress: bool = True,
                       rebuild: bool = False) -> DialogueView:
         """The view of `folder` for the index's library, cached beside the index: keyed by the index
-        (library hash + index key) and the dialogue files' content hash + code version."""
-        index_key = index.directory.name if index.directory is not None else index.library_path.stem
+        (library hash + index key) and `dialogues_hash`. FileNotFoundError when `folder` has no dialogue
+        files (an empty view would silently change nothing)."""
+        if not dialogue_files(folder):
+            raise FileNotFoundError(f"no dialogue files (*.jsonl) in {folder}")
+        # The index's cache folder name is <stem>-<library hash>-<index settings key>; the same otherwise.
+        index_key = index.directory.name if index.directory is not None else (
+            f"{index.library_path.stem}-{library_hash(index.library_path)}-{index.settings.key()}")
         key = f"{index_key}-{dialogues_hash(folder)}"
         directory = Path(cache_dir) / f"dialogues-{key}"
         if not rebuild and (directory / "view.npz").is_file():

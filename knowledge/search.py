@@ -16,6 +16,7 @@ epsilon=0), kept for benchmarks and as a reference.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import time
 from collections import Counter
@@ -46,6 +47,8 @@ from knowledge.text import (
     split_compounds,
     strip_age,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -230,11 +233,16 @@ class Retriever:
                       dialogues: Path | bool = True, rebuild_view: bool = False) -> Retriever:
         """The cached index (and dialogue view) of a library. ``dialogues``: a folder of dialogue JSONL
         files for the view; True (default) takes a `dialogues/` folder beside the library file if there
-        is one; False: no view."""
+        is one; False: no view. The view is optional: when it cannot be read or built (no dialogue
+        files, a bad file, a read-only cache) a warning is logged and the retriever has none."""
         index = LibraryIndex.load_or_build(Path(library_path), Path(cache_dir), index_settings, progress)
         folder = default_folder(index.library_path) if dialogues is True else (dialogues or None)
-        view = None if folder is None else DialogueView.load_or_build(
-            index, Path(folder), Path(cache_dir), progress, rebuild=rebuild_view)
+        view = None
+        if folder is not None:
+            try:
+                view = DialogueView.load_or_build(index, Path(folder), Path(cache_dir), progress, rebuild=rebuild_view)
+            except Exception as exc:  # noqa: BLE001 - any failure of the optional view must not stop a start
+                log.warning("dialogue view from %s not used: %s: %s", folder, type(exc).__name__, exc)
         return cls(index, settings, view)
 
     @property

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from knowledge.__main__ import main
 from knowledge.dialogue_view import (
     DialogueView,
     NameMatcher,
@@ -16,6 +19,7 @@ from knowledge.dialogue_view import (
     is_held_out,
     label,
     lay_dev_cases,
+    view_terms,
 )
 from knowledge.search import Retriever, SearchSettings
 
@@ -108,19 +112,27 @@ def test_view_cached_and_keyed_by_the_dialogue_files(with_dialogues: Path, tmp_p
     assert len(list(cache.glob("dialogues-*"))) == 1
     Retriever.load_or_build(with_dialogues, cache, progress=False)
     assert len(list(cache.glob("dialogues-*"))) == 1  # loaded, not rebuilt
-    write_jsonl(folder / "more.jsonl", [{"question": "头一跳一跳地疼", "answer": "可能是偏头痛。"}])
+    new = "头一跳一跳地疼"
+    assert not is_held_out(new)  # a training question
+    write_jsonl(folder / "more.jsonl", [{"question": new, "answer": "可能是偏头痛。"}])
     assert dialogues_hash(folder) != before
     again = Retriever.load_or_build(with_dialogues, cache, progress=False)
     assert len(list(cache.glob("dialogues-*"))) == 2
-    assert again.view is not None and again.view.counts[3] + len(again.view.dev) > first.view.counts[3]
+    assert first.view.counts[3] == 0
+    assert again.view is not None and again.view.counts[3] == 1
 
 
 def test_held_out_questions_never_enter_the_view(with_dialogues: Path, tmp_path: Path) -> None:
+    only_held_out = {"question": "嗓子像冒火", "answer": "这是过敏性鼻炎。"}  # 冒火: no other question says it
+    assert is_held_out(only_held_out["question"])
+    write_jsonl(with_dialogues.parent / "dialogues" / "more.jsonl", [only_held_out])
     r = Retriever.load_or_build(with_dialogues, tmp_path / "cache", progress=False)
-    assert r.view is not None
-    held = [d["question"] for d in DIALOGUES if is_held_out(d["question"])]
+    assert r.view is not None and r.view.model is not None
+    assert "冒火" in view_terms(r, only_held_out["question"])  # it would be a patients' word if trained on
+    assert "冒火" not in r.view.model.vocab_dict
+    held = [d["question"] for d in [*DIALOGUES, only_held_out] if is_held_out(d["question"])]
     assert sorted(c["query"] for c in r.view.dev) == sorted(held)
-    assert int(r.view.counts.sum()) == len(DIALOGUES) - len(held)
+    assert int(r.view.counts.sum()) == len(DIALOGUES) + 1 - len(held)
     # The lay eval set: held-out questions that do not name their own disease (none of these do).
     assert len(lay_dev_cases(r.view, r.index.meta.names, r.index.meta.aliases)) == len(held)
     loaded = DialogueView.load(next((tmp_path / "cache").glob("dialogues-*")))
@@ -148,14 +160,62 @@ def test_patients_words_move_the_ranking_their_way(with_dialogues: Path, tmp_pat
     assert [h.score for h in heard.search(child).hits] == [h.score for h in plain.search(child).hits]
 
 
-def test_no_dialogues_folder_leaves_results_identical(library: Path, tmp_path: Path) -> None:
-    auto = Retriever.load_or_build(library, tmp_path / "cache", progress=False)
-    none = Retriever.load_or_build(library, tmp_path / "cache", progress=False, dialogues=False)
-    assert auto.view is None and default_folder(library) is None
-    for q in (COMPLAINT, "胸闷胸痛", "头痛恶心", "尿频尿急"):
-        a, b = auto.search(q), none.search(q)
+def test_no_dialogues_folder_means_no_view(library: Path, tmp_path: Path) -> None:
+    assert default_folder(library) is None
+    assert Retriever.load_or_build(library, tmp_path / "cache", progress=False).view is None
+
+
+def test_children_get_the_same_results_with_and_without_the_view(with_dialogues: Path, tmp_path: Path) -> None:
+    heard = Retriever.load_or_build(with_dialogues, tmp_path / "cache", progress=False)
+    none = Retriever.load_or_build(with_dialogues, tmp_path / "cache", progress=False, dialogues=False)
+    assert heard.view is not None and none.view is None
+    adult = heard.search(COMPLAINT), none.search(COMPLAINT)
+    assert [h.score for h in adult[0].hits] != [h.score for h in adult[1].hits]  # the view is on for adults
+    for q in (COMPLAINT, "胸口闷得慌，胸闷", "打喷嚏，鼻子痒痒的", "尿频尿急"):
+        a, b = heard.search("宝宝3岁，" + q), none.search("宝宝3岁，" + q)
         assert [(h.disease.id, h.score) for h in a.hits] == [(h.disease.id, h.score) for h in b.hits]
         assert a.confident == b.confident
+
+
+def test_lines_that_are_not_utf8_are_skipped(with_dialogues: Path, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    clean = Retriever.load_or_build(with_dialogues, tmp_path / "a", progress=False)
+    gbk = json.dumps({"question": "头一跳一跳地疼", "answer": "可能是偏头痛。"}, ensure_ascii=False).encode("gbk")
+    (with_dialogues.parent / "dialogues" / "export.jsonl").write_bytes(gbk + b"\n")
+    with caplog.at_level(logging.WARNING, logger="knowledge.dialogue_view"):
+        r = Retriever.load_or_build(with_dialogues, tmp_path / "b", progress=False)
+    assert clean.view is not None and r.view is not None
+    assert np.array_equal(r.view.counts, clean.view.counts)
+    assert "export.jsonl: 1 lines skipped" in caplog.text
+
+
+def test_a_view_that_cannot_be_saved_is_left_out(with_dialogues: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    cache = tmp_path / "cache"
+    base = Retriever.load_or_build(with_dialogues, cache, progress=False, dialogues=False)
+    assert base.index.directory is not None
+    target = cache / f"dialogues-{base.index.directory.name}-{dialogues_hash(with_dialogues.parent / 'dialogues')}"
+    # A file where the view's temporary folder must go: the save fails, as on a read-only cache.
+    target.with_name(target.name + f".tmp{os.getpid()}").write_text("in the way")
+    with caplog.at_level(logging.WARNING, logger="knowledge.search"):
+        r = Retriever.load_or_build(with_dialogues, cache, progress=False)
+    assert r.view is None and "dialogue view from" in caplog.text
+    assert [h.disease.id for h in r.search(COMPLAINT).hits] == [h.disease.id for h in base.search(COMPLAINT).hits]
+
+
+def test_cli_rejects_missing_or_empty_dialogue_folders(with_dialogues: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    common = ["--library", str(with_dialogues), "--cache-dir", str(tmp_path / "cache")]
+    assert main(["build", *common, "--dialogues", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["eval", *common, "--data", str(tmp_path / "empty"), "--quiet"]) == 2
+    assert "no dialogue files" in capsys.readouterr().err
+    folder = str(with_dialogues.parent / "dialogues")
+    assert main(["eval", *common, "--data", folder, "--dialogues", str(tmp_path / "empty"), "--quiet"]) == 2
+    assert "--dialogues may only be auto or none" in capsys.readouterr().err
+    assert main(["eval", *common, "--data", folder, "--quiet"]) == 0
+    assert "top-1=" in capsys.readouterr().out
 
 
 def test_confidence_reads_the_library_evidence_alone(with_dialogues: Path, tmp_path: Path) -> None:
