@@ -35,16 +35,18 @@ eval: $(STAMP)
 	@echo "dxy_dev as free text, as EHR symptom lists and as structured records, halves a (tuned) and b:"
 	@for form in text list structured; do for half in a b; do \
 		$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data $(SHARED)/eval/dxy_dev.jsonl \
-			--label-map $(SHARED)/eval/label_map.json --form $$form --split $$half --quiet; done; done
+			--label-map $(SHARED)/eval/label_map.json --form $$form --split $$half --quiet || exit 1; done; done
 	@echo "adult complaints (project-written probes: tuned; blind, blind 2, blind 3 as totals only):"
 	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_complaints.jsonl
 	@for probe in adult_blind adult_lay_blind2 adult_lay_blind3; do $(PY) -m knowledge eval \
-		--library $(SHARED)/diseases.jsonl --data knowledge/data/probes/$$probe.jsonl --quiet; done
+		--library $(SHARED)/diseases.jsonl --data knowledge/data/probes/$$probe.jsonl --quiet || exit 1; done
 	@echo "dialogue lay: held-out dialogue questions that do not name their disease (the view is built from the rest):"
-	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data $(SHARED)/dialogues --quiet
+	@if [ -d $(SHARED)/dialogues ]; then \
+		$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data $(SHARED)/dialogues --quiet; \
+	else echo "no dialogues folder: dialogue lay set skipped"; fi
 	@echo "EHR symptom lists (blind probe), as the list line and as the structured record:"
 	@for form in list structured; do $(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl \
-		--data knowledge/data/probes/ehr_lists_blind.jsonl --form $$form --quiet; done
+		--data knowledge/data/probes/ehr_lists_blind.jsonl --form $$form --quiet || exit 1; done
 	$(PY) -m safety eval
 
 bench: $(STAMP)
