@@ -219,6 +219,7 @@ class DialogueView:
         self.doc_rows = doc_rows
         self.dev = dev  # held-out {query, label_disease, source}
         self.key = key
+        self.folder: Path | None = None  # the dialogues folder it was built from (set by load_or_build)
 
     @classmethod
     def build(cls, index: LibraryIndex, folder: Path, progress: bool = True) -> DialogueView:
@@ -295,14 +296,14 @@ class DialogueView:
         if not rebuild and (directory / "view.npz").is_file():
             try:
                 view = cls.load(directory)
-                view.key = key
+                view.key, view.folder = key, folder
                 return view
             except (OSError, ValueError, KeyError, EOFError):
                 pass  # a damaged cache is rebuilt below
         start = time.perf_counter()
         view = cls.build(index, folder, progress)
         view.save(directory)
-        view.key = key
+        view.key, view.folder = key, folder
         if progress:
             print(f"dialogue view built in {time.perf_counter() - start:.1f}s -> {directory}")
         return view

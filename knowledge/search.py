@@ -230,12 +230,15 @@ class Retriever:
     def load_or_build(cls, library_path: Path, cache_dir: Path, progress: bool = True,
                       settings: SearchSettings | None = None,
                       index_settings: IndexSettings | None = None,
-                      dialogues: Path | bool = True, rebuild_view: bool = False) -> Retriever:
+                      dialogues: Path | str | bool = True, rebuild_view: bool = False) -> Retriever:
         """The cached index (and dialogue view) of a library. ``dialogues``: a folder of dialogue JSONL
-        files for the view; True (default) takes a `dialogues/` folder beside the library file if there
-        is one; False: no view. The view is optional: when it cannot be read or built (no dialogue
+        files for the view; True or "auto" (default) takes a `dialogues/` folder beside the library file
+        if there is one; False or "none": no view. The view is optional: when it cannot be read or built (no dialogue
         files, a bad file, a read-only cache) a warning is logged and the retriever has none."""
         index = LibraryIndex.load_or_build(Path(library_path), Path(cache_dir), index_settings, progress)
+        if isinstance(dialogues, str):  # the service's DOCTORGLM_DIALOGUES_PATH
+            value = dialogues.strip()
+            dialogues = True if value.lower() == "auto" else False if value.lower() in ("none", "") else Path(value)
         folder = default_folder(index.library_path) if dialogues is True else (dialogues or None)
         view = None
         if folder is not None:

@@ -123,7 +123,11 @@ def load_runtime(runtime: Runtime, *, progress: bool = True) -> None:
     """Load the index and the model (blocking: run in a thread at start-up)."""
     s = runtime.settings
     started = time.perf_counter()
-    retriever = Retriever.load_or_build(s.knowledge_path, s.cache_dir / "index", progress=progress)
+    retriever = Retriever.load_or_build(s.knowledge_path, s.cache_dir / "index", progress=progress,
+                                        dialogues=s.dialogues_path)
+    view = retriever.view
+    log.info("dialogue view %s (DOCTORGLM_DIALOGUES_PATH=%s)", "off" if view is None else
+             f"on: {view.folder}, {int(view.counts.sum())} training questions", s.dialogues_path)
     runtime.retriever = retriever
     runtime.designer = PromptDesigner(retriever, brief_chars=s.brief_chars, k=s.retrieval_k, triage=runtime.triage)
     log.info("knowledge index ready: %d diseases in %.1fs", retriever.size, time.perf_counter() - started)

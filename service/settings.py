@@ -48,6 +48,9 @@ class KnowledgeSettings(BaseSettings):
 
     knowledge_path: Path = SAMPLE_LIBRARY
     cache_dir: Path = DEFAULT_CACHE_DIR
+    dialogues_path: str = Field(
+        "auto", description="Dialogue JSONL folder for the retrieval's patients'-words view: auto (a dialogues/ "
+        "folder beside the library file, if there is one), none (off), or a folder.")
     brief_chars: int = Field(600, ge=50, le=8000, description="Character budget of the disease brief.")
     retrieval_k: int = Field(3, ge=1, le=20)
 

@@ -252,3 +252,14 @@ def test_the_view_never_makes_a_fused_search_confident(tmp_path: Path) -> None:
         claimed += with_view
         assert not with_view or alone.search(q).confident, q
     assert claimed  # the rule still lets the library's clear leads through
+
+
+def test_the_service_setting_strings(with_dialogues: Path, tmp_path: Path) -> None:
+    folder = with_dialogues.parent / "dialogues"
+    cache = tmp_path / "cache"
+    auto = Retriever.load_or_build(with_dialogues, cache, progress=False, dialogues="auto")
+    assert auto.view is not None and auto.view.folder == folder.resolve()
+    assert Retriever.load_or_build(with_dialogues, cache, progress=False, dialogues="none").view is None
+    given = Retriever.load_or_build(with_dialogues, cache, progress=False, dialogues=str(folder))
+    assert given.view is not None and given.view.folder == folder
+    assert Retriever.load_or_build(with_dialogues, cache, progress=False, dialogues=str(tmp_path / "no")).view is None

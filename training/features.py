@@ -74,8 +74,10 @@ def brief_provider(knowledge_path: Path | None, cache_dir: Path, brief_chars: in
         from llm.paths import SAMPLE_LIBRARY
         from safety.triage import Triage
 
+        # No dialogue view: most of the dialogue questions are LoRA training data, whose briefs would be
+        # better than a new patient's.
         retriever = Retriever.load_or_build(Path(knowledge_path or SAMPLE_LIBRARY), cache_dir / "index",
-                                            progress=False)
+                                            progress=False, dialogues=False)
     except Exception as exc:  # optional feature: report and go on
         log.warning("no briefs: the knowledge index could not be loaded (%s)", exc)
         return None
