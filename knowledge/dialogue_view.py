@@ -5,7 +5,7 @@ Where a doctor's answer (or the question's title, or the question's own hedge "�
 disease (name or alias, longest match, not negated, not an entry named after a bare symptom), the question
 is a patient's own description of that disease. From those labels, built deterministically: a "patients'
 words" field per disease, the search words of its questions (the search's own query processing, plus the
-everyday words the library never uses, so 胀鼓鼓 or 烧得慌 reach the disease whose patients say them), which
+everyday words the library never uses, so 没劲儿 or 肚子痛 reach the diseases whose patients say them), which
 `Retriever.search` scores with BM25 against the complaint of a patient not identified as a child. The
 question count per disease is kept too (`counts`, printed by `python -m knowledge dialogues`); as a
 commonness prior it lowered the adult probe at every weight tried (docs/retrieval.md), so it is not used.
