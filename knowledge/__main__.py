@@ -104,8 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data}: no cases to evaluate")
     print(f"[{args.form}, split {args.split}] "
           f"n={out['n']}  top-1={out['top1']:.1%}  top-5={out['top5']:.1%}  MRR={out['mrr']:.3f}  "
-          f"confident={out['confident_share']:.0%} (precision "
-          f"{(out['confident_precision'] or 0):.0%})  p50={out['p50_ms']:.2f} ms")
+          f"confident={out['confident_share']:.0%} ({out['confident_right']} right of {out['confident_n']})  "
+          f"p50={out['p50_ms']:.2f} ms")
     if args.quiet:
         return 0
     print("ten worst misses (most confidently wrong first):")

@@ -102,7 +102,8 @@ def evaluate(retriever, jsonl_path: Path | str | Sequence[dict], label_map_path:
     misses.sort(key=lambda m: -m["top_score"])  # worst = most confidently wrong
     latencies.sort()
     return {"n": len(cases), "top1": top1 / n, f"top{k}": topk / n, "top5": topk / n if k == 5 else None,
-            "mrr": rr / n, "confident_share": confident_n / n,
+            "mrr": rr / n, "confident_share": confident_n / n, "confident_n": confident_n,
+            "confident_right": confident_right,
             "confident_precision": confident_right / confident_n if confident_n else None,
             "p50_ms": latencies[len(latencies) // 2] if latencies else None,
             "worst_misses": misses[:10]}
