@@ -263,3 +263,16 @@ def test_the_service_setting_strings(with_dialogues: Path, tmp_path: Path) -> No
     given = Retriever.load_or_build(with_dialogues, cache, progress=False, dialogues=str(folder))
     assert given.view is not None and given.view.folder == folder
     assert Retriever.load_or_build(with_dialogues, cache, progress=False, dialogues=str(tmp_path / "no")).view is None
+
+
+def test_the_view_cache_is_keyed_by_the_library_content(tmp_path: Path) -> None:
+    from knowledge.index import IndexSettings, LibraryIndex
+
+    folder = write_jsonl(tmp_path / "talks" / "t.jsonl", DIALOGUES).parent
+    cache = tmp_path / "cache"
+    views = []
+    for sub, docs in (("a", DOCS), ("b", DOCS[:-1])):  # the same file name, other content
+        index = LibraryIndex.build(write_jsonl(tmp_path / sub / "lib.jsonl", docs), IndexSettings(), progress=False)
+        assert index.directory is None  # not from the index cache: the key must still hold the library hash
+        views.append(DialogueView.load_or_build(index, folder, cache, progress=False))
+    assert views[0].key != views[1].key and len(list(cache.glob("dialogues-*"))) == 2
