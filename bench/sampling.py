@@ -24,12 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engine.sampling import UNIFORMS, RowSampling, sample  # noqa: E402
+from service.engine.sampling import UNIFORMS, RowSampling, _threshold_nucleus, sample  # noqa: E402
 
 VOCAB = 8192
 # The replaced code (commit 8e112d0's sampling.py), kept here only as the baseline measured in the same run.
 OLD_CANDIDATES = 64
-OLD_STEPS = 24
 
 
 def old_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -64,22 +63,10 @@ def old_sample(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | Non
         nucleus_ids = ids.gather(-1, nucleus).squeeze(-1)
         flat = ((rows.top_p < 1.0) & (top.sum(dim=-1, keepdim=True) < rows.top_p)).squeeze(-1)
         if bool(flat.any()):
-            nucleus_ids = torch.where(flat, old_threshold_nucleus(probs, rows.top_p, targets), nucleus_ids)
+            # The bisection is unchanged: the new sampler keeps it as its fallback.
+            nucleus_ids = torch.where(flat, _threshold_nucleus(probs, rows.top_p, targets), nucleus_ids)
         sampled = torch.where(rows.top_p.squeeze(-1) < 1.0, nucleus_ids, sampled)
     return torch.where(rows.greedy, greedy_ids, sampled)
-
-
-def old_threshold_nucleus(probs: torch.Tensor, top_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    low = torch.zeros_like(top_p)
-    high = probs.max(dim=-1, keepdim=True).values
-    for _ in range(OLD_STEPS):
-        middle = (low + high) / 2
-        enough = (probs * (probs >= middle)).sum(dim=-1, keepdim=True) >= top_p
-        low = torch.where(enough, middle, low)
-        high = torch.where(enough, high, middle)
-    kept = probs * (probs >= low)
-    cumulative = kept.cumsum(dim=-1)
-    return torch.searchsorted(cumulative, targets * cumulative[:, -1:]).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 Sampler = Callable[[torch.Tensor, RowSampling, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
