@@ -24,7 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engine.sampling import UNIFORMS, RowSampling, _threshold_nucleus, sample  # noqa: E402
+from service.engine.sampling import (  # noqa: E402
+    UNIFORMS,
+    RowSampling,
+    _threshold_nucleus,
+    apply_top_k,
+    sample,
+)
 
 VOCAB = 8192
 # The replaced code (commit 8e112d0's sampling.py), kept here only as the baseline measured in the same run.
@@ -46,10 +52,8 @@ def old_sample(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | Non
         return greedy_ids
     vocab = logits.shape[-1]
     scaled = logits / rows.temperature
-    if rows.any_top_k:
-        best = scaled.topk(min(int(rows.top_k.max()), vocab), dim=-1).values
-        kth = best.gather(-1, (rows.top_k.clamp(min=1, max=best.shape[-1]) - 1))
-        scaled = scaled.masked_fill((rows.top_k > 0) & (scaled < kth), float("-inf"))
+    if rows.any_top_k:  # top-k is unchanged
+        scaled = apply_top_k(scaled, rows.top_k)
     probs = scaled.softmax(dim=-1)
     targets = uniforms[:, None]
     cumulative = probs.cumsum(dim=-1)

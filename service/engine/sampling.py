@@ -31,6 +31,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.index_put((rows, ids), torch.where(values > 0, values / factor, values * factor))
 
 
+def apply_top_k(scaled: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep scores at or above each row's k-th best (ties at the k-th are kept); top_k 0 keeps all."""
+    best = scaled.topk(min(int(top_k.max()), scaled.shape[-1]), dim=-1).values
+    kth = best.gather(-1, (top_k.clamp(min=1, max=best.shape[-1]) - 1))
+    return scaled.masked_fill((top_k > 0) & (scaled < kth), float("-inf"))
+
+
 # Top-p by rejection, with no sort of the vocabulary (a sort of 8 x 8192 took 4-13 ms on one shared CPU core, as
 # long as the tiny model's forward): a token drawn from the whole distribution is in the nucleus iff the tokens
 # strictly more likely than it hold less than top_p, so each round costs one masked sum per row and accepts with
@@ -54,10 +61,7 @@ def sample(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None,
     vocab = logits.shape[-1]
     scaled = logits / rows.temperature
     if rows.any_top_k:
-        # Keep scores at or above each row's k-th best (ties at the k-th are kept); top_k 0 keeps all.
-        best = scaled.topk(min(int(rows.top_k.max()), vocab), dim=-1).values
-        kth = best.gather(-1, (rows.top_k.clamp(min=1, max=best.shape[-1]) - 1))
-        scaled = scaled.masked_fill((rows.top_k > 0) & (scaled < kth), float("-inf"))
+        scaled = apply_top_k(scaled, rows.top_k)
     probs = scaled.softmax(dim=-1)
     # Draws from the whole distribution in vocabulary order: rows without top-p take the first as it is.
     cumulative = probs.cumsum(dim=-1)
