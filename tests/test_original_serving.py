@@ -32,15 +32,20 @@ def _ask_and_stream(url: str) -> None:
     assert names[0] == "meta" and names[-1] == "done" and "delta" in names
 
 
-@pytest.mark.parametrize("name", CHATGLM_FAMILIES)
-def test_service_serves_an_original_directory(name: str, tmp_path: Path) -> None:
-    env = {"DOCTORGLM_MODEL_PATH": str(original_checkpoint(name)), "DOCTORGLM_TRUST_REMOTE_CODE": "false"}
-    server = start_server(tmp_path / "cache", tmp_path / "logs", env)
+def _serve_ask_and_stream(cache: Path, logs: Path, env: dict[str, str]) -> str:
+    """Start the real server with env, answer /chat and stream /chat/stream, stop it; its log."""
+    server = start_server(cache, logs, env)
     try:
         _ask_and_stream(server.url)
     finally:
         server.stop()
-    log = server.log()
+    return server.log()
+
+
+@pytest.mark.parametrize("name", CHATGLM_FAMILIES)
+def test_service_serves_an_original_directory(name: str, tmp_path: Path) -> None:
+    env = {"DOCTORGLM_MODEL_PATH": str(original_checkpoint(name)), "DOCTORGLM_TRUST_REMOTE_CODE": "false"}
+    log = _serve_ask_and_stream(tmp_path / "cache", tmp_path / "logs", env)
     assert "converting the original checkpoint" in log and f"converted {name} in" in log
     assert len([p for p in (tmp_path / "cache" / "converted").iterdir() if p.is_dir()]) == 1
 
@@ -50,12 +55,7 @@ def test_second_start_reuses_the_conversion_and_serves_a_ptuning_prefix(tmp_path
     first = start_server(tmp_path / "cache", tmp_path / "logs", {"DOCTORGLM_MODEL_PATH": str(source)})
     first.stop()
     env = {"DOCTORGLM_MODEL_PATH": str(source), "DOCTORGLM_ADAPTER_PATH": str(source / "ptuning")}
-    second = start_server(tmp_path / "cache", tmp_path / "logs2", env)
-    try:
-        _ask_and_stream(second.url)
-    finally:
-        second.stop()
-    log = second.log()
+    log = _serve_ask_and_stream(tmp_path / "cache", tmp_path / "logs2", env)
     assert "serving the converted copy" in log and "converting the original" not in log
     assert "P-tuning v2 prefix of 8 tokens" in log
 
