@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import logging
 import random
@@ -367,31 +368,30 @@ class LocalEngine:
             cached = self.prompt_cache.match(row.prompt_ids, row.cacheable) if self.prompt_cache else None
             groups.setdefault(cached.node.id if cached else 0, (cached, []))[1].append(row)
         for cached, rows in groups.values():
+            prefill = functools.partial(self._prefill_group, cached=cached)
             chunk: list[_Row] = []
             for row in sorted(rows, key=lambda r: len(r.prompt_ids)):
                 longest = len(row.prompt_ids)  # the forward's cache holds the cached part too
                 if chunk and longest * (len(chunk) + 1) > PREFILL_TOKEN_BUDGET:
-                    self._guarded(self._prefill_group, chunk, cached)
+                    self._guarded(prefill, chunk)
                     chunk = []
                 chunk.append(row)
             if chunk:
-                self._guarded(self._prefill_group, chunk, cached)
+                self._guarded(prefill, chunk)
 
-    def _guarded(self, prefill: Callable[..., None], rows: list[_Row], cached: CachedPrefix | None = None) -> None:
+    def _guarded(self, prefill: Callable[[list[_Row]], None], rows: list[_Row]) -> None:
         """Prefill a group; when it fails, retry its rows one by one so that a bad request fails alone."""
         started = time.perf_counter()
-        args = (cached,) if cached is not None else ()
         try:
-            prefill(rows, *args)
+            prefill(rows)
             self.prompt_tokens += sum(len(r.prompt_ids) for r in rows)
-            self.reused_tokens += (cached.length if cached else 0) * len(rows)
             self.timings.prefills += 1
             self.timings.prefill_rows += len(rows)
             self.timings.prefill_s += time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - the requests fail, never the worker
             if len(rows) > 1:
                 for row in rows:
-                    self._guarded(prefill, [row], cached)
+                    self._guarded(prefill, [row])
                 return
             log.exception("prefill failed")
             self._finish(rows[0], "error", error=f"generation failed: {type(exc).__name__}")
@@ -446,6 +446,7 @@ class LocalEngine:
         # row by row (_guarded), and a row already in the batch would then be there twice.
         self._batch.add([(layer.keys, layer.values) for layer in cache.layers], mask, first, tokens)
         self._rows.extend(rows)
+        self.reused_tokens += skip * n
         self._sampling = None
         now = time.perf_counter()
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
