@@ -114,6 +114,12 @@ EVAL_SETS = (
         "33 short emergencies, written before the backstop's minimum-evidence rule; first run (rules 2025.06-8, "
         "bs4): rules only 93.9% / 0%, rules+backstop 100% / 7.6% (6/79); never tuned on",
     ),
+    EvalSet(
+        DATA_DIR / "triage_probe11.jsonl",
+        "blind",
+        "90 everyday complaints (45 by parents about a child, 45 adults') and 40 emergencies (20 children's, 20 "
+        "adults'), written 2026-12-01 before the backstop's context-only change; blind",
+    ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.
 DEFAULT_SETS = tuple(s.path for s in EVAL_SETS)
