@@ -63,6 +63,20 @@ EVAL_SETS = (
         "flagged 22 of 108 ordinary adult complaints in the retrieval probes",
     ),
     EvalSet(
+        DATA_DIR / "triage_train_child.jsonl",
+        "tuned",
+        "backstop training set (bs6): 110 everyday paediatric complaints (fever with a cough for a few days, teething, "
+        "rashes, milestones...) and 40 paediatric emergencies; bs5 read a child's mention as evidence of an emergency "
+        "(孩子发烧三天，咳嗽有痰 -> call 120)",
+    ),
+    EvalSet(
+        DATA_DIR / "triage_train_adult2.jsonl",
+        "tuned",
+        "backstop training set (bs6): 140 ordinary adult complaints that sound a little alarming (wheeze an inhaler "
+        "relieves, heartburn behind the breastbone, palpitations after coffee...) and 30 adult emergencies in indirect "
+        "words; added with triage_train_child so 110 easy paediatric negatives do not lower the threshold onto adults",
+    ),
+    EvalSet(
         DATA_DIR / "triage_probe5.jsonl",
         "blind",
         "written after rules 2025.06-3; never tuned on, but its miss families informed triage_train_extra",

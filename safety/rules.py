@@ -8,7 +8,7 @@ Format (see the "_doc" entry in the packaged file):
 - "version": a non-empty string, reported with every assessment for audit.
 - "modifiers": cue lists (zh / en) for negation, scope breaks, remote history, hypotheticals...
 - "concepts": name -> {"zh": [...], "en": [...], "exclude": [...], "unless": [...], "diagnosis": bool,
-  "severity_cue": bool, "age_months_below": number}.
+  "severity_cue": bool, "age_months_below": number, "qualifier": bool}.
   Terms are regular expressions matched against NFKC-normalised, lower-cased text. English terms
   may not start inside a word. ``{gapN}`` stands for up to N characters without punctuation or a
   Chinese negation character, for patterns such as ``胸{gap3}痛`` (胸口很痛, but not 胸口不痛).
@@ -17,7 +17,9 @@ Format (see the "_doc" entry in the packaged file):
   need at least two characters (one common character would silence an emergency in any clause).
   "severity_cue" marks explicit severity/onset words, the only ones that let the learned backstop
   flag a complaint too short for it to judge; "age_months_below" gives the concept to a patient
-  whose structured age (months) is below it.
+  whose structured age (months) is below it. "qualifier" marks a concept whose terms mean it only next to
+  the partner concept of its rule (孩子 or 脸 make a *burn* severe, 胸口 locates a chest pain, 呕吐 is a
+  danger sign *after a head injury*): the learned backstop does not see its state, only the words.
 - "rules": [{"id", "description": {zh, en}, "when": [[group, ...], ...], "advice": {zh, en},
   "suspects": [...]}]. A rule fires when every group of any one alternative in "when" is satisfied; a
   group is a concept name or several joined by "|" (any of them). "suspects" (optional) names the
@@ -69,6 +71,7 @@ class Concept:
     diagnosis: bool  # a disease name: ignored when the clause is speculative ("会不会是中风")
     severity_cue: bool = False  # explicit severity/onset words (突然, 剧烈): see Triage.assess
     age_months_below: float | None = None  # a structured age under this gives the concept
+    qualifier: bool = False  # qualifies a partner concept only (孩子 of a burn): no backstop feature
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +196,9 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
         severity_cue = entry.get("severity_cue", False)
         if not isinstance(severity_cue, bool):
             raise fail(f"{where}.severity_cue must be true or false")
+        qualifier = entry.get("qualifier", False)
+        if not isinstance(qualifier, bool):
+            raise fail(f"{where}.qualifier must be true or false")
         age_below = entry.get("age_months_below")
         if age_below is not None and (
             not isinstance(age_below, int | float) or isinstance(age_below, bool) or not 0 < age_below <= 1200
@@ -210,6 +216,7 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
                 diagnosis=diagnosis,
                 severity_cue=severity_cue,
                 age_months_below=float(age_below) if age_below is not None else None,
+                qualifier=qualifier,
             )
         )
 
@@ -217,6 +224,7 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
     if not isinstance(rules_raw, list) or not rules_raw:
         raise fail('"rules" must be a non-empty list')
     known = {c.name for c in concepts}
+    qualifiers = {c.name for c in concepts if c.qualifier}
     rules: list[Rule] = []
     seen: set[str] = set()
     for i, entry in enumerate(rules_raw):
@@ -246,6 +254,9 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
                 if not names or unknown:
                     raise fail(f"rule {rid}: unknown concept(s) {unknown or [group]}")
                 groups.append(names)
+            if len(groups) == 1 and groups[0] & qualifiers:
+                raise fail(f"rule {rid}: qualifier concept(s) {sorted(groups[0] & qualifiers)} cannot fire a rule "
+                           "alone (a qualifier only qualifies a partner group in the same alternative)")
             alts.append(tuple(groups))
         suspects = entry.get("suspects", [])
         if not isinstance(suspects, list) or not all(isinstance(x, str) and x.strip() for x in suspects):

@@ -127,6 +127,9 @@ class Triage:
         self._scan = lru_cache(maxsize=cache_size)(self._scan_turn) if cache_size > 0 else self._scan_turn
         self._backstop = backstop
         self._severity_cues = frozenset(c.name for c in ruleset.concepts if c.severity_cue)
+        # Concepts that only qualify a partner (孩子 of a burn, 胸口 of a chest pain): as backstop features
+        # their state would say "a child" or "the chest" is an emergency; their words still count.
+        self._qualifiers = frozenset(c.name for c in ruleset.concepts if c.qualifier)
 
     @classmethod
     def from_file(
@@ -234,7 +237,8 @@ class Triage:
         return bs.probability(self._request_features(reading)) >= bs.threshold
 
     def _request_features(self, reading: _Reading) -> frozenset[str]:
-        feats = request_features(reading.turns, reading.state, self._negation_scope)
+        state = {name: v for name, v in reading.state.items() if name not in self._qualifiers}
+        feats = request_features(reading.turns, state, self._negation_scope)
         if not reading.denied:
             return feats
         # A denied finding reads as 没有<finding>: every one of its n-grams is negated.

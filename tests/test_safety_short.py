@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from safety import Triage
+from safety import DEFAULT_RULES_PATH, Triage
 from safety.backstop import DEFAULT_BACKSTOP_PATH
 
 
@@ -79,3 +79,30 @@ def test_function_words_are_no_evidence(serving: Triage) -> None:
 def test_bad_min_evidence_is_a_clear_error(tmp_path: Path, value: object) -> None:
     with pytest.raises(ValueError, match="min_evidence"):
         Triage.from_file(backstop=_weights(tmp_path, min_evidence=value))
+
+
+# -- qualifier concepts: a word that only qualifies a partner is no evidence on its own ------------
+
+
+def test_a_child_named_without_a_burn_is_no_backstop_feature(serving: Triage) -> None:
+    # 孩子 makes a burn severe (rule severe_injury); as a backstop feature its state read "a child is an
+    # emergency", and 孩子发烧三天，咳嗽有痰 was told to call 120.
+    feats = serving.features("孩子发烧三天，咳嗽有痰")
+    assert "c:fever" in feats and "孩子" in feats
+    assert not any(f.endswith("burned_child") for f in feats)
+    assert serving.assess("孩子被开水烫伤了").rule_ids == ["severe_injury"]  # the rule still uses it
+    assert serving.assess("my toddler got burned by hot water").rule_ids == ["severe_injury"]
+
+
+def test_a_qualifier_cannot_fire_a_rule_alone(tmp_path: Path) -> None:
+    data = json.loads(DEFAULT_RULES_PATH.read_text(encoding="utf-8"))
+    data["rules"][0]["when"].append(["burned_child"])
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match="qualifier"):
+        Triage.from_file(path)
+    data = json.loads(DEFAULT_RULES_PATH.read_text(encoding="utf-8"))
+    data["concepts"]["burned_child"]["qualifier"] = "yes"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match="qualifier must be true or false"):
+        Triage.from_file(path)
