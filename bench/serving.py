@@ -16,7 +16,9 @@ One run, one server, ratios against baselines measured in the same run:
 - a peer: transformers' own continuous batching (ContinuousBatchingManager) on the same model and requests,
   all at once, in process (no HTTP), against our engine in process on the same requests (batch 8, and as
   many rows as requests, which is what the manager runs).
-- a decode step by part (cache, forward, sample, tokens, deliver) at batch 1 and batch 8, in process.
+- a decode step by part (cache, forward, sample, tokens, deliver) at batch 1 and batch 8, in process, with the
+  linear layers packed for oneDNN as the engine runs them on CPU (llm/cpu_linear.py) and as loaded (nn.Linear),
+  the four cases interleaved five times (median).
 - issue 13's row: a converted ChatGLM3 fixture (python -m training convert) served, 8 clients vs one at a time.
 
 Writes bench/results/serving.json and bench/results/serving.png.
@@ -160,47 +162,79 @@ async def open_loop(url: str, reqs: list[Request], rate: float, seed: int = 1) -
 
 # ----- in process: the engine's step by part, and transformers' continuous batching as a peer -----
 
-def engine_in_process(model_dir: Path, reqs: list[Request], batch_sizes: tuple[int, ...]) -> dict[str, Any]:
-    """Our engine without HTTP: all requests at once (the peer's workload), and a decode step by part."""
-    from llm.chat_format import build_prompt_ids
+def _engine(model_dir: Path, rows: int, pack_cpu_linear: bool = True) -> Any:
     from llm.loading import load_model
-    from service.engine.local import LocalEngine, StepTimings
+    from service.engine.local import LocalEngine
+
+    engine = LocalEngine(load_model(model_dir), max_batch_size=rows, max_queue=rows + 8, context_tokens=2048,
+                         repetition_guard=False, pack_cpu_linear=pack_cpu_linear)
+    engine.start()
+    return engine
+
+
+def _run_all(engine: Any, items: list[tuple[str, int]]) -> float:
+    """Seconds for the engine to generate exactly these lengths, all submitted at once, greedy."""
     from service.engine.types import GenerationRequest, SamplingParams
 
-    loaded = load_model(model_dir)
-    engine = LocalEngine(loaded, max_batch_size=len(reqs), max_queue=len(reqs) + 8, context_tokens=2048,
-                         repetition_guard=False)
-    engine.start()
+    async def one(question: str, tokens: int) -> None:
+        params = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.0)
+        async for _ in engine.stream(GenerationRequest(message=question, params=params)):
+            pass
 
-    async def run(items: list[tuple[str, int]]) -> float:
-        async def one(question: str, tokens: int) -> None:
-            params = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.0)
-            async for _ in engine.stream(GenerationRequest(message=question, params=params)):
-                pass
-
+    async def together() -> float:
         started = time.perf_counter()
         await asyncio.gather(*(one(q, n) for q, n in items))
         return time.perf_counter() - started
 
+    return asyncio.run(together())
+
+
+def engine_in_process(model_dir: Path, reqs: list[Request]) -> dict[str, Any]:
+    """Our engine without HTTP: all requests at once (the peer's workload), as many rows as requests and 8."""
+    from llm.chat_format import build_prompt_ids
+
+    engine = _engine(model_dir, len(reqs))
     try:
-        asyncio.run(run([("warm-up", 8)]))
-        all_s = asyncio.run(run([(r.question, r.tokens) for r in reqs]))
+        _run_all(engine, [("warm-up", 8)])
+        all_s = _run_all(engine, [(r.question, r.tokens) for r in reqs])
         engine.max_batch_size = 8  # the service's default
-        batch8_s = asyncio.run(run([(r.question, r.tokens) for r in reqs]))
-        steps: dict[str, Any] = {}
-        for batch in batch_sizes:
-            engine.timings = StepTimings()
-            asyncio.run(run([(reqs[0].question, 96)] * batch))
-            t = engine.timings
-            parts = {k.removesuffix("_s"): v / t.steps * 1000 for k, v in dataclasses.asdict(t).items()
-                     if k.endswith("_s") and k != "prefill_s"}
-            steps[str(batch)] = {"ms": parts, "step_ms": sum(parts.values()), "rows": t.rows / t.steps}
+        batch8_s = _run_all(engine, [(r.question, r.tokens) for r in reqs])
     finally:
         engine.stop()
-    prompts = [build_prompt_ids(loaded.tokenizer, [], r.question, 2048) for r in reqs]
+    prompts = [build_prompt_ids(engine.tokenizer, [], r.question, 2048) for r in reqs]
     return {"all_at_once_tokens_per_s": sum(r.tokens for r in reqs) / all_s,
-            "all_at_once_batch8_tokens_per_s": sum(r.tokens for r in reqs) / batch8_s, "steps": steps,
+            "all_at_once_batch8_tokens_per_s": sum(r.tokens for r in reqs) / batch8_s,
             "prompt_tokens_mean": statistics.mean(len(p) for p in prompts)}
+
+
+def decode_steps(model_dir: Path, question: str, reps: int = 5, tokens: int = 96) -> dict[str, Any]:
+    """A decode step by part at batch 1 and 8, with the linear layers packed for oneDNN (as served on CPU) and
+    as loaded; the four cases interleaved `reps` times (the machine's load drifts), the median run of each."""
+    from service.engine.local import StepTimings
+
+    engines = {"packed": _engine(model_dir, 8), "unpacked": _engine(model_dir, 8, pack_cpu_linear=False)}
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    try:
+        for engine in engines.values():
+            _run_all(engine, [("warm-up", 8)])
+        for _ in range(reps):
+            for name, engine in engines.items():
+                for batch in (1, 8):
+                    engine.timings = StepTimings()
+                    _run_all(engine, [(question, tokens)] * batch)
+                    t = engine.timings
+                    parts = {k.removesuffix("_s"): v / t.steps * 1000 for k, v in dataclasses.asdict(t).items()
+                             if k.endswith("_s") and k != "prefill_s"}
+                    runs.setdefault((name, batch), []).append(
+                        {"ms": parts, "step_ms": sum(parts.values()), "rows": t.rows / t.steps})
+    finally:
+        for engine in engines.values():
+            engine.stop()
+    out: dict[str, Any] = {}
+    for (name, batch), rows in runs.items():
+        rows.sort(key=lambda r: r["step_ms"])
+        out.setdefault(name, {})[str(batch)] = {**rows[len(rows) // 2], "all_step_ms": [r["step_ms"] for r in rows]}
+    return out
 
 
 def transformers_peer(model_dir: Path, reqs: list[Request]) -> dict[str, float]:
@@ -395,14 +429,19 @@ def main() -> int:
     for row in results["open_loop"]:
         row["vs_sequential"] = row["tokens_per_s"] / base
     peer_reqs = closed_reqs
-    results["engine_in_process"] = ours = engine_in_process(model_dir, peer_reqs, (1, 8))
+    results["engine_in_process"] = ours = engine_in_process(model_dir, peer_reqs)
     results["transformers_peer"] = peer = transformers_peer(model_dir, peer_reqs)
-    b1, b8 = ours["steps"]["1"]["step_ms"], ours["steps"]["8"]["step_ms"]
+    # The step with nn.Linear as loaded (MKL) too, to show what the oneDNN-packed weights buy.
+    results["decode_steps"] = steps = decode_steps(model_dir, peer_reqs[0].question)
+    b1, b8 = steps["packed"]["1"]["step_ms"], steps["packed"]["8"]["step_ms"]
+    u1, u8 = steps["unpacked"]["1"]["step_ms"], steps["unpacked"]["8"]["step_ms"]
     print(f"in process, {len(peer_reqs)} requests at once: engine {ours['all_at_once_tokens_per_s']:.0f} tok/s "
           f"({ours['all_at_once_batch8_tokens_per_s']:.0f} at batch 8), transformers continuous batching "
           f"{peer['tokens_per_s']:.0f} tok/s", flush=True)
     print(f"decode step: batch 1 {b1:.2f} ms, batch 8 {b8:.2f} ms ({b8 / b1:.2f}x); by part at 8: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in ours["steps"]["8"]["ms"].items()), flush=True)
+          + ", ".join(f"{k} {v:.2f}" for k, v in steps["packed"]["8"]["ms"].items())
+          + " (median of 5 interleaved runs)", flush=True)
+    print(f"decode step with nn.Linear unpacked: batch 1 {u1:.2f} ms, batch 8 {u8:.2f} ms ({u8 / u1:.2f}x)", flush=True)
     if not args.skip_chatglm3:
         results["chatglm3"] = glm3 = chatglm3_row(cache, args.threads, args.clients)
         if glm3:
@@ -421,6 +460,8 @@ def main() -> int:
         "open_loop_best_within_1s_ttft_p99_ms": saturated["ttft_p99_ms"],
         "open_loop_max_vs_sequential": max(r["vs_sequential"] for r in results["open_loop"]),
         "step_batch8_vs_batch1": b8 / b1,
+        "step_batch8_vs_batch1_unpacked": u8 / u1,
+        "step_batch8_packed_vs_unpacked": b8 / u8,
         "engine_vs_transformers_cb_in_process": ours["all_at_once_tokens_per_s"] / peer["tokens_per_s"],
         "engine_batch8_vs_transformers_cb_in_process": ours["all_at_once_batch8_tokens_per_s"] / peer["tokens_per_s"],
     }
@@ -439,6 +480,8 @@ def main() -> int:
           f"{r['open_loop_best_within_1s_ttft_p99_ms']:.0f}")
     print(f"{'open loop, any rate / one at a time':52} {r['open_loop_max_vs_sequential']:9.2f}x")
     print(f"{'decode step batch 8 / batch 1 (<= 1.5x)':52} {r['step_batch8_vs_batch1']:9.2f}x")
+    print(f"{'  the same with nn.Linear unpacked':52} {r['step_batch8_vs_batch1_unpacked']:9.2f}x")
+    print(f"{'  batch-8 step, packed / unpacked':52} {r['step_batch8_packed_vs_unpacked']:9.2f}x")
     print(f"{'engine / transformers continuous batching (same rows)':52} "
           f"{r['engine_vs_transformers_cb_in_process']:9.2f}x")
     print(f"{'engine at batch 8 / transformers continuous batching':52} "

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.chat_format import build_prompt_ids
+from llm.cpu_linear import can_pack, pack_linear_layers
 from llm.loading import LoadedModel
 from llm.positions import position_scheme_for
 
@@ -135,8 +136,14 @@ class LocalEngine:
     kind = "local"
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_queue: int = 64,
-                 context_tokens: int = 2048, repetition_guard: bool = True, prompt_cache_mb: int = 0) -> None:
+                 context_tokens: int = 2048, repetition_guard: bool = True, prompt_cache_mb: int = 0,
+                 pack_cpu_linear: bool = True) -> None:
         self.model = loaded.model
+        if pack_cpu_linear and loaded.device.type == "cpu":
+            # oneDNN-packed weights: a decode step's few rows no longer pay MKL's per-call packing.
+            packed = pack_linear_layers(self.model)
+            log.info("%d linear layers packed for oneDNN on the CPU%s", packed,
+                     "" if packed else f" (none: {can_pack(self.model) or 'no plain nn.Linear'})")
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.model_name = loaded.name
