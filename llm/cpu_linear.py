@@ -4,8 +4,9 @@ freezing does, without compiling anything).
 On CPU, `nn.Linear` calls MKL's sgemm, which re-packs the weight matrix on every call; with the few rows
 of a decode step (the batch) that packing dominates, so a batch-8 step's matmuls cost 2-4x a batch-1
 step's. oneDNN with the weight laid out once at load runs a large product at 8 rows ~2-3x faster and at
-1 row no slower (`python bench/serving.py` prints the decode step at batch 1 and 8, packed and not); small
-layers stay as they are (MIN_PACKED_WEIGHTS). Results agree with `nn.Linear` to float rounding (~1e-6).
+1 row no slower (`python bench/cpu_linear.py` prints each layer shape; `python bench/serving.py` the whole
+decode step, packed and not); small layers stay as they are (MIN_PACKED_WEIGHTS). Results agree with
+`nn.Linear` to float rounding (~1e-6).
 
 Serving only: a packed layer has no trainable weight (training loads the model itself and never calls
 this), and quantised layers are not `nn.Linear`, so they are left alone.
@@ -58,8 +59,7 @@ def can_pack(model: nn.Module) -> str:
 
 
 # Below this many weights a layer stays nn.Linear: a oneDNN call costs ~10-15 us more than an MKL one, which a
-# small matrix does not win back (one row through 256 x 688: 19 us MKL, 30 us oneDNN; through the 8,192 x 256
-# output layer: 251 vs 161 us, and at 8 rows 1,514 vs 437 us). A 6 B model's layers are all far above it.
+# small matrix does not win back (`python bench/cpu_linear.py`). A 6 B model's layers are all far above it.
 MIN_PACKED_WEIGHTS = 1 << 18
 
 
@@ -73,13 +73,15 @@ def pack_linear_layers(model: nn.Module, min_weights: int = MIN_PACKED_WEIGHTS) 
     if can_pack(model):
         return 0
     tied = _tied_output_layer(model)
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child is not tied and child.weight.numel() >= min_weights:
-                setattr(parent, name, PackedLinear(child))
-                replaced += 1
-    return replaced
+    names = [name for name, module in model.named_modules()
+             if type(module) is nn.Linear and module is not tied and module.weight.numel() >= min_weights]
+    # One layer at a time, holding names only: each original weight is freed as soon as its copy exists, so
+    # start-up needs one layer's worth of extra memory, not a second model.
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, PackedLinear(getattr(parent, child)))
+    return len(names)
 
 
 def _tied_output_layer(model: nn.Module) -> nn.Module | None:

@@ -1,8 +1,11 @@
-"""Command line: ``python -m safety eval [--data PATH ...] [--rules PATH]``."""
+"""Command line: ``python -m safety eval [--data PATH ...] [--rules PATH]``, ``check TEXT``,
+``flag-rate JSONL [--field query]`` (how many unlabelled complaints are flagged, by rules and by the backstop
+alone), ``train-backstop``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="assess one complaint and print the result")
     check.add_argument("text")
     check.add_argument("--rules", type=Path, default=None)
+    rate = sub.add_parser("flag-rate", help="how many complaints of an unlabelled JSONL file are flagged")
+    rate.add_argument("data", type=Path, help="JSONL, one complaint a line (e.g. ../shared/data/eval/dxy_dev.jsonl)")
+    rate.add_argument("--field", default="query", help="the field that holds the complaint (default: query)")
+    rate.add_argument("--rules", type=Path, default=None)
     sub.add_parser("train-backstop", help="train the learned backstop on the tuned sets (writes its weights file)")
     args = parser.parse_args(argv)
 
@@ -40,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+    if args.command == "flag-rate":
+        return _flag_rate(triage, args.data, args.field)
 
     if args.command == "check":
         a = triage.assess(args.text)
@@ -74,6 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"summary: {'':<24} {'rules only':<50} | rules+backstop")
     print("\n".join(summary))
+    return 0
+
+
+def _flag_rate(triage: Triage, path: Path, field: str) -> int:
+    try:
+        texts = [str(json.loads(line)[field]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read complaints ({field!r}) from {path}: {exc}", file=sys.stderr)
+        return 2
+    flagged = [triage.assess(t).rule_ids for t in texts]
+    by_rules = sum(1 for ids in flagged if ids and ids != ["backstop"])
+    by_backstop = sum(1 for ids in flagged if ids == ["backstop"])
+    total = by_rules + by_backstop
+    backstop = triage.backstop.version if triage.backstop else "off"
+    print(f"{path.name}: {total} of {len(texts)} flagged ({total / max(len(texts), 1):.1%}): by the rules {by_rules}, "
+          f"by the backstop alone {by_backstop} (rules {triage.version}, backstop {backstop})")
     return 0
 
 

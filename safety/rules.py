@@ -18,8 +18,9 @@ Format (see the "_doc" entry in the packaged file):
   "severity_cue" marks explicit severity/onset words, the only ones that let the learned backstop
   flag a complaint too short for it to judge; "age_months_below" gives the concept to a patient
   whose structured age (months) is below it. "qualifier" marks a concept whose terms mean it only next to
-  the partner concept of its rule (孩子 or 脸 make a *burn* severe, 胸口 locates a chest pain, 呕吐 is a
-  danger sign *after a head injury*): the learned backstop does not see its state, only the words.
+  a partner concept of its rule (burned_child: 孩子 makes a *burn* severe): the learned backstop does not see
+  its state, only the words; no alternative may be satisfiable by qualifiers alone, and a qualifier is no
+  severity cue.
 - "rules": [{"id", "description": {zh, en}, "when": [[group, ...], ...], "advice": {zh, en},
   "suspects": [...]}]. A rule fires when every group of any one alternative in "when" is satisfied; a
   group is a concept name or several joined by "|" (any of them). "suspects" (optional) names the
@@ -199,6 +200,8 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
         qualifier = entry.get("qualifier", False)
         if not isinstance(qualifier, bool):
             raise fail(f"{where}.qualifier must be true or false")
+        if qualifier and severity_cue:
+            raise fail(f"{where}: a qualifier cannot be a severity_cue (its state is no evidence on its own)")
         age_below = entry.get("age_months_below")
         if age_below is not None and (
             not isinstance(age_below, int | float) or isinstance(age_below, bool) or not 0 < age_below <= 1200
@@ -254,15 +257,19 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
                 if not names or unknown:
                     raise fail(f"rule {rid}: unknown concept(s) {unknown or [group]}")
                 groups.append(names)
-            if len(groups) == 1 and groups[0] & qualifiers:
-                raise fail(f"rule {rid}: qualifier concept(s) {sorted(groups[0] & qualifiers)} cannot fire a rule "
-                           "alone (a qualifier only qualifies a partner group in the same alternative)")
+            if all(group & qualifiers for group in groups):
+                raise fail(f"rule {rid}: an alternative that qualifier concepts alone can satisfy ({alt}); a "
+                           "qualifier only qualifies a partner group of another concept")
             alts.append(tuple(groups))
         suspects = entry.get("suspects", [])
         if not isinstance(suspects, list) or not all(isinstance(x, str) and x.strip() for x in suspects):
             raise fail(f"rule {rid}: suspects must be a list of condition names")
         rules.append(Rule(id=rid, description=description, when=tuple(alts), advice=advice,
                           suspects=tuple(x.strip() for x in suspects)))
+
+    used = {name for rule in rules for alt in rule.when for group in alt for name in group}
+    if unused := sorted(qualifiers - used):
+        raise fail(f"qualifier concept(s) {unused} used by no rule (a qualifier qualifies a partner in a rule)")
 
     note = _texts(data.get("prompt_note"), "prompt_note", fail)
     for lang, text in note.items():

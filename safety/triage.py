@@ -127,8 +127,8 @@ class Triage:
         self._scan = lru_cache(maxsize=cache_size)(self._scan_turn) if cache_size > 0 else self._scan_turn
         self._backstop = backstop
         self._severity_cues = frozenset(c.name for c in ruleset.concepts if c.severity_cue)
-        # Concepts that only qualify a partner (孩子 of a burn, 胸口 of a chest pain): as backstop features
-        # their state would say "a child" or "the chest" is an emergency; their words still count.
+        # Concepts that only qualify a partner (burned_child: 孩子 of a burn): as a backstop feature its state
+        # would say "a child" is an emergency; its words still count as n-grams.
         self._qualifiers = frozenset(c.name for c in ruleset.concepts if c.qualifier)
 
     @classmethod

@@ -152,4 +152,4 @@ def make_engine(settings: Settings, *, progress: bool = True) -> Engine:
                         trust_remote_code=settings.trust_remote_code, cache_dir=settings.cache_dir)
     return LocalEngine(loaded, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                        context_tokens=settings.context_tokens, repetition_guard=settings.repetition_guard,
-                       prompt_cache_mb=settings.prompt_cache_mb)
+                       prompt_cache_mb=settings.prompt_cache_mb, pack_cpu_linear=settings.pack_cpu_linear)

@@ -33,6 +33,8 @@ class ModelSettings(BaseSettings):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     quantization: Literal["none", "int8", "int4"] = "none"
+    pack_cpu_linear: bool = Field(True, description="On CPU, run large linear layers with their weights packed "
+                                  "once for oneDNN (llm/cpu_linear.py); false = plain nn.Linear.")
     engine: Literal["local", "openai"] = "local"
     upstream_url: str | None = None
     upstream_model: str | None = None

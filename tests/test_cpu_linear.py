@@ -113,3 +113,16 @@ def test_the_engine_packs_on_cpu_and_answers_as_before(default_model_dir: Path) 
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     assert packed.vocab_size == plain.vocab_size
     assert _greedy(packed, questions) == _greedy(plain, questions)
+
+
+def test_the_setting_turns_packing_off(default_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.runtime import make_engine
+    from service.settings import Settings
+
+    monkeypatch.setenv("DOCTORGLM_MODEL_PATH", str(default_model_dir))
+    monkeypatch.setenv("DOCTORGLM_PACK_CPU_LINEAR", "false")
+    off = make_engine(Settings(), progress=False)
+    assert not any(isinstance(m, PackedLinear) for m in off.model.modules())
+    monkeypatch.setenv("DOCTORGLM_PACK_CPU_LINEAR", "true")
+    on = make_engine(Settings(), progress=False)
+    assert any(isinstance(m, PackedLinear) for m in on.model.modules())

@@ -340,7 +340,7 @@ def test_eval_sets_are_disjoint() -> None:
 # written to measure it); the others must reach the goal with the rules alone.
 BACKSTOP_TRAINING_ONLY = {
     "triage_train_extra.jsonl", "triage_train_adult.jsonl", "triage_train_adult2.jsonl", "triage_train_child.jsonl",
-    "triage_adult_probe.jsonl",
+    "triage_adult_probe.jsonl", "triage_probe11.jsonl",
 }
 
 
@@ -612,3 +612,15 @@ def test_a_fever_is_not_a_burn_and_a_toddlers_poor_spirits_is_not_an_emergency()
     assert rules.assess("宝宝一个月，这两天精神差，不吃奶").rule_ids == ["infant_danger"]
     assert rules.assess("婴儿这两天精神差，一直睡，不吃奶").rule_ids == ["infant_danger"]
     assert "infant_danger" in rules.assess("宝宝两岁，高烧后嗜睡，叫不醒").rule_ids
+
+
+def test_flag_rate_counts_unlabelled_complaints(tmp_path: Path) -> None:
+    data = tmp_path / "complaints.jsonl"
+    lines = [{"query": "胸口压榨样疼痛，出冷汗"}, {"query": "嗓子有点干"}, {"query": "孩子发烧三天，咳嗽有痰"}]
+    data.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "safety", "flag-rate", str(data)], capture_output=True, text=True,
+                         cwd=REPO_ROOT, check=True).stdout
+    assert "1 of 3 flagged" in out and "by the rules 1" in out and "by the backstop alone 0" in out
+    bad = subprocess.run([sys.executable, "-m", "safety", "flag-rate", str(data), "--field", "text"],
+                         capture_output=True, text=True, cwd=REPO_ROOT)
+    assert bad.returncode == 2 and "cannot read complaints" in bad.stderr

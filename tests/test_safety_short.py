@@ -95,11 +95,25 @@ def test_a_child_named_without_a_burn_is_no_backstop_feature(serving: Triage) ->
 
 
 def test_a_qualifier_cannot_fire_a_rule_alone(tmp_path: Path) -> None:
-    data = json.loads(DEFAULT_RULES_PATH.read_text(encoding="utf-8"))
-    data["rules"][0]["when"].append(["burned_child"])
     path = tmp_path / "rules.json"
+    alone = (["burned_child"], ["burned_child", "burned_child"], ["burned_child", "burn_severe | burned_child"])
+    for alternative in alone:
+        data = json.loads(DEFAULT_RULES_PATH.read_text(encoding="utf-8"))
+        data["rules"][0]["when"].append(alternative)
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        with pytest.raises(ValueError, match="qualifier concepts alone"):
+            Triage.from_file(path)
+    data = json.loads(DEFAULT_RULES_PATH.read_text(encoding="utf-8"))
+    data["concepts"]["burned_child"]["severity_cue"] = True
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    with pytest.raises(ValueError, match="qualifier"):
+    with pytest.raises(ValueError, match="cannot be a severity_cue"):
+        Triage.from_file(path)
+    data = json.loads(DEFAULT_RULES_PATH.read_text(encoding="utf-8"))
+    data["concepts"]["fever"]["qualifier"] = True
+    for rule in data["rules"]:
+        rule["when"] = [alt for alt in rule["when"] if not any("fever" in group for group in alt)] or [["seizure"]]
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match="used by no rule"):
         Triage.from_file(path)
     data = json.loads(DEFAULT_RULES_PATH.read_text(encoding="utf-8"))
     data["concepts"]["burned_child"]["qualifier"] = "yes"
