@@ -328,6 +328,9 @@ class Retriever:
                     variants = self._variants(term) if specificity is not None and specificity >= 1.0 else ()
                     for clinical in (*lay.get(term, ()), *variants):
                         weights[clinical] = max(weights[clinical], tw * s.lay_weight)
+            for key in qt.lay:  # keys matched on the text, as the tokens' lay words count
+                for clinical in lay[key]:
+                    weights[clinical] = max(weights[clinical], w * s.lay_weight)
             if s.scan_weight:
                 for term in self.scan_symptoms(text, qt.negated):
                     weights[term] = max(weights[term], w * s.scan_weight)

@@ -9,6 +9,7 @@ other code in the same process.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import pickle
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import ahocorasick
 import jieba
 import rjieba
 
@@ -63,6 +65,23 @@ def cue_words() -> dict[str, frozenset[str]]:
 def lay_terms() -> dict[str, tuple[str, ...]]:
     raw = json.loads((DATA_DIR / "lay_terms.json").read_text(encoding="utf-8"))
     return {k: tuple(v) for k, v in raw.items() if not k.startswith("_")}
+
+
+@lru_cache(maxsize=1)
+def _lay_matcher() -> ahocorasick.Automaton:
+    # Chinese keys of two or more characters: a single character (吐, 麻, 烧) inside a longer word is
+    # another word (吐字, 麻疹, 烧伤), so single characters and English words stay per token.
+    matcher = ahocorasick.Automaton()
+    for key in lay_terms():
+        if len(key) >= 2 and all("\u4e00" <= c <= "\u9fff" for c in key):
+            matcher.add_word(key, key)
+    matcher.make_automaton()
+    return matcher
+
+
+def lay_matches(text: str) -> list[tuple[int, str]]:
+    """(start, key) of the lay-map keys in a normalised text, leftmost-longest, not overlapping."""
+    return [(end - len(key) + 1, key) for end, key in _lay_matcher().iter_long(text)]
 
 
 @lru_cache(maxsize=1)
@@ -247,6 +266,10 @@ class QueryTerms:
     # Words told as past events ("感冒后耳朵疼", "以前得过肺炎"): still symptoms to match, but a disease
     # named this way is what came before, not what the patient asks about now.
     past: set[str] = field(default_factory=set)
+    # Lay-map keys (lay_terms.json) found in the text itself, longest first, outside a negation: a key
+    # the tokenizer splits (憋不住尿 -> 憋不住 / 尿, 胃胀 -> 胃 / 胀) never reaches the per-token lookup.
+    # A negated one is among `negated` instead.
+    lay: list[str] = field(default_factory=list)
 
 
 class TextProcessor:
@@ -320,8 +343,16 @@ class TextProcessor:
         neg, breakers, joiners = cues["negation"], cues["negation_breakers"], cues["list_joiners"]
         out = QueryTerms()
         # Precise mode for the negation walk (one token per word), search-mode sub-words added after.
-        stream = [t for t in self.segmenter.cut(text, False) if t.strip()]
+        starts: list[int] = []  # where each token of the stream starts in `text`
+        stream: list[str] = []
+        pos = 0
+        for t in self.segmenter.cut(text, False):
+            if t.strip():
+                starts.append(pos)
+                stream.append(t)
+            pos += len(t)
         out.tokens = stream
+        denied_at: set[int] = set()  # starts of the tokens the negation walk holds inside a negation
         before, after = cues["past_before"], cues["past_after"]
         for i, tok in enumerate(stream):
             if tok in after and i:
@@ -331,10 +362,12 @@ class TextProcessor:
             elif i + 2 < len(stream) and tok + stream[i + 1] in before:  # 得过 cut as 得|过
                 out.past.add(stream[i + 2])
         negating, content_seen, just_negated = False, 0, False
-        for tok in stream:
+        for at, tok in zip(starts, stream, strict=True):
             if tok in neg:
                 negating, content_seen, just_negated = True, 0, True
                 continue
+            if negating:
+                denied_at.add(at)
             if just_negated and tok in _LIST_COLON:  # a record's "无：发热、呕吐" / "否认:" heads a list
                 just_negated = False
                 continue
@@ -344,6 +377,7 @@ class TextProcessor:
                 continue
             if negating and (_PUNCT.fullmatch(tok) or tok in breakers) and tok not in joiners:
                 negating = False
+                denied_at.discard(at)
                 continue
             if negating and tok in joiners:
                 continue
@@ -351,6 +385,7 @@ class TextProcessor:
             if subs is None:
                 if negating and content_seen:
                     negating = False
+                    denied_at.discard(at)
                 continue
             if negating:
                 out.negated.extend([tok, *subs])
@@ -362,6 +397,13 @@ class TextProcessor:
                 out.subterms.extend(subs)
         negset = set(out.negated) - set(out.terms) - set(out.subterms)
         out.negated = [t for t in dict.fromkeys(out.negated) if t in negset]
+        for start, key in lay_matches(text):
+            # Denied when the token holding its first character is inside a negation (没有漏尿).
+            i = bisect.bisect_right(starts, start) - 1
+            denied = i >= 0 and starts[i] in denied_at
+            (out.negated if denied else out.lay).append(key)
+        out.negated = list(dict.fromkeys(out.negated))
+        out.lay = list(dict.fromkeys(out.lay))
         return out
 
     def _content_subwords(self, token: str) -> tuple[str, ...] | None:
