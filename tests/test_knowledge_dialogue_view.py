@@ -241,10 +241,10 @@ def test_the_view_never_makes_a_fused_search_confident(tmp_path: Path) -> None:
     settings = SearchSettings(w_view_words=1.0, confident_margin_without_child=0.3)
     heard, alone = Retriever(r.index, settings, r.view), Retriever(r.index, settings)
     res, lib_only = heard.search(STOMACH_AND_CHEST), alone.search(STOMACH_AND_CHEST)
-    assert [h.disease.id for h in res.hits[:2]] == ["g2", "g3"]  # the view's second
-    assert [h.disease.id for h in lib_only.hits[:2]] == ["g2", "g7"]  # the library's close second
+    assert "g3" in [h.disease.id for h in res.hits[:2]]  # the view lifts 冠心病 into the first two
+    assert [h.disease.id for h in lib_only.hits[:3]] == ["g2", "g7", "g3"]  # the library: a close second, 冠心病 third
     assert not lib_only.confident
-    assert not res.confident  # the margin is against 慢性胃炎, not against the lifted 冠心病
+    assert not res.confident  # the margin is the library's own (against 慢性胃炎), whatever the view lifts
     claimed = 0
     for q in (STOMACH_AND_CHEST, "上腹痛，黑便，胸口闷得慌", COMPLAINT, "胸闷，喘不上气", "打喷嚏，鼻子痒痒的",
               "上腹痛，反酸，胸闷", "尿频尿急，胸口闷得慌"):
