@@ -507,10 +507,11 @@ class Retriever:
                 if s.fusion_depth and not cues.child and not suspects and len(rows) > 1:
                     listed = "、".join(patient.symptoms) if patient is not None else ""
                     plain = self.plain_scores(self.plain_tokens(" ".join(t for t in (query, listed) if t)))
-                    # Agreement, as the gap, from the library's rankings alone (fielded and plain BM25):
-                    # the three-way fusion below only orders the results.
-                    agreed = bool(self._fusion(plain, lib_rows)[0][0] == 0)
-                    rows, final = self._fuse(plain, rows, heard if s.view_fused else None)
+                    order, fused = self._fusion(plain, rows, heard if s.view_fused else None)
+                    # Agreement, as the gap, from the library's rankings alone (fielded and plain BM25): the
+                    # three-way fusion only orders the results. Without the view the two fusions are one.
+                    agreed = bool((order if heard is None else self._fusion(plain, lib_rows)[0])[0] == 0)
+                    rows, final = rows[order], np.minimum.accumulate(fused[order])  # never rising down the list
                 agreed = agreed and len(rows) > 0 and int(rows[0]) == lib_first
                 rows, final = rows[:k], final[:k]
             else:
@@ -540,12 +541,6 @@ class Retriever:
             fused += 1 / (s.fusion_k + 1 + view_ranks)
         depth = min(s.fusion_depth, len(rows))
         return np.concatenate([np.argsort(-fused[:depth], kind="stable"), np.arange(depth, len(rows))]), fused
-
-    def _fuse(self, plain: np.ndarray, rows: np.ndarray, heard: np.ndarray | None = None,
-              ) -> tuple[np.ndarray, np.ndarray]:
-        """The rows in `_fusion`'s order and their fused scores (never rising down the list)."""
-        order, fused = self._fusion(plain, rows, heard)
-        return rows[order], np.minimum.accumulate(fused[order])
 
     def _hit(self, row: int, score: float, keywords: list[str], matcher: ahocorasick.Automaton | None) -> Hit:
         """A ranked document with the query keywords found in its text and the sections holding them."""
