@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 def _flag_rate(triage: Triage, path: Path, field: str) -> int:
     try:
         texts = [str(json.loads(line)[field]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: a line that is not an object
         print(f"error: cannot read complaints ({field!r}) from {path}: {exc}", file=sys.stderr)
         return 2
     flagged = [triage.assess(t).rule_ids for t in texts]

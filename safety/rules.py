@@ -191,15 +191,9 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
                     f"{where}.unless: {term!r} can match a single character; a suppressor needs at least two "
                     "(one common character would silence an emergency in any clause that has it)"
                 )
-        diagnosis = entry.get("diagnosis", False)
-        if not isinstance(diagnosis, bool):
-            raise fail(f"{where}.diagnosis must be true or false")
-        severity_cue = entry.get("severity_cue", False)
-        if not isinstance(severity_cue, bool):
-            raise fail(f"{where}.severity_cue must be true or false")
-        qualifier = entry.get("qualifier", False)
-        if not isinstance(qualifier, bool):
-            raise fail(f"{where}.qualifier must be true or false")
+        diagnosis = _flag(entry, "diagnosis", where, fail)
+        severity_cue = _flag(entry, "severity_cue", where, fail)
+        qualifier = _flag(entry, "qualifier", where, fail)
         if qualifier and severity_cue:
             raise fail(f"{where}: a qualifier cannot be a severity_cue (its state is no evidence on its own)")
         age_below = entry.get("age_months_below")
@@ -296,6 +290,13 @@ def parse_ruleset(data: Any, source: str = "<rules>") -> RuleSet:
         source=source,
         general_emergency=general,
     )
+
+
+def _flag(entry: dict[str, Any], name: str, where: str, fail: Any) -> bool:
+    value = entry.get(name, False)
+    if not isinstance(value, bool):
+        raise fail(f"{where}.{name} must be true or false")
+    return value
 
 
 def _list(value: Any, where: str, fail: Any) -> list[str]:

@@ -624,3 +624,7 @@ def test_flag_rate_counts_unlabelled_complaints(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "safety", "flag-rate", str(data), "--field", "text"],
                          capture_output=True, text=True, cwd=REPO_ROOT)
     assert bad.returncode == 2 and "cannot read complaints" in bad.stderr
+    data.write_text("[1, 2]\n", encoding="utf-8")  # valid JSON, not an object
+    bad = subprocess.run([sys.executable, "-m", "safety", "flag-rate", str(data)], capture_output=True, text=True,
+                         cwd=REPO_ROOT)
+    assert bad.returncode == 2 and "cannot read complaints" in bad.stderr
