@@ -17,8 +17,8 @@ One run, one server, ratios against baselines measured in the same run:
   all at once, in process (no HTTP), against our engine in process on the same requests (batch 8, and as
   many rows as requests, which is what the manager runs).
 - a decode step by part (cache, forward, sample, tokens, deliver) at batch 1 and batch 8, in process, with the
-  linear layers packed for oneDNN as the engine runs them on CPU (llm/cpu_linear.py) and as loaded (nn.Linear),
-  the four cases interleaved five times (median).
+  linear layers packed for oneDNN as the engine runs them on CPU (llm/cpu_linear.py) and as loaded (nn.Linear);
+  batch 1 and batch 8 run back to back, and the ratio is the median of nine such pairs (the machine drifts).
 - issue 13's row: a converted ChatGLM3 fixture (python -m training convert) served, 8 clients vs one at a time.
 
 Writes bench/results/serving.json and bench/results/serving.png.
@@ -207,33 +207,43 @@ def engine_in_process(model_dir: Path, reqs: list[Request]) -> dict[str, Any]:
             "prompt_tokens_mean": statistics.mean(len(p) for p in prompts)}
 
 
-def decode_steps(model_dir: Path, question: str, reps: int = 5, tokens: int = 96) -> dict[str, Any]:
+def decode_steps(model_dir: Path, question: str, reps: int = 9, tokens: int = 96) -> dict[str, Any]:
     """A decode step by part at batch 1 and 8, with the linear layers packed for oneDNN (as served on CPU) and
-    as loaded; the four cases interleaved `reps` times (the machine's load drifts), the median run of each."""
+    as loaded. The machine's speed drifts by ±20 % within seconds, so batch 1 and batch 8 run back to back (in
+    alternating order) and each pair gives one ratio: the figure is the median of `reps` such paired ratios,
+    beside the median step of each case."""
     from service.engine.local import StepTimings
 
     engines = {"packed": _engine(model_dir, 8), "unpacked": _engine(model_dir, 8, pack_cpu_linear=False)}
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    pair_ratios: dict[str, list[float]] = {name: [] for name in engines}
     try:
         for engine in engines.values():
             _run_all(engine, [("warm-up", 8)])
-        for _ in range(reps):
+        for rep in range(reps):
             for name, engine in engines.items():
-                for batch in (1, 8):
+                step: dict[int, float] = {}
+                for batch in ((1, 8) if rep % 2 == 0 else (8, 1)):
                     engine.timings = StepTimings()
                     _run_all(engine, [(question, tokens)] * batch)
                     t = engine.timings
                     parts = {k.removesuffix("_s"): v / t.steps * 1000 for k, v in dataclasses.asdict(t).items()
                              if k.endswith("_s") and k != "prefill_s"}
+                    step[batch] = sum(parts.values())
                     runs.setdefault((name, batch), []).append(
-                        {"ms": parts, "step_ms": sum(parts.values()), "rows": t.rows / t.steps})
+                        {"ms": parts, "step_ms": step[batch], "rows": t.rows / t.steps})
+                pair_ratios[name].append(step[8] / step[1])
     finally:
         for engine in engines.values():
             engine.stop()
     out: dict[str, Any] = {}
     for (name, batch), rows in runs.items():
-        rows.sort(key=lambda r: r["step_ms"])
-        out.setdefault(name, {})[str(batch)] = {**rows[len(rows) // 2], "all_step_ms": [r["step_ms"] for r in rows]}
+        ordered = sorted(rows, key=lambda r: r["step_ms"])
+        out.setdefault(name, {})[str(batch)] = {**ordered[len(ordered) // 2],
+                                                "all_step_ms": [r["step_ms"] for r in rows]}
+    for name, ratios in pair_ratios.items():
+        out[name]["pair_ratios"] = ratios
+        out[name]["batch8_vs_batch1"] = statistics.median(ratios)
     return out
 
 
@@ -436,14 +446,17 @@ def main() -> int:
     # The step with nn.Linear as loaded (MKL) too, to show what the oneDNN-packed weights buy.
     results["decode_steps"] = steps = decode_steps(model_dir, peer_reqs[0].question)
     b1, b8 = steps["packed"]["1"]["step_ms"], steps["packed"]["8"]["step_ms"]
-    u1, u8 = steps["unpacked"]["1"]["step_ms"], steps["unpacked"]["8"]["step_ms"]
+    u8 = steps["unpacked"]["8"]["step_ms"]
+    ratio, ratio_unpacked = steps["packed"]["batch8_vs_batch1"], steps["unpacked"]["batch8_vs_batch1"]
     print(f"in process, {len(peer_reqs)} requests at once: engine {ours['all_at_once_tokens_per_s']:.0f} tok/s "
           f"({ours['all_at_once_batch8_tokens_per_s']:.0f} at batch 8), transformers continuous batching "
           f"{peer['tokens_per_s']:.0f} tok/s", flush=True)
-    print(f"decode step: batch 1 {b1:.2f} ms, batch 8 {b8:.2f} ms ({b8 / b1:.2f}x); by part at 8: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in steps["packed"]["8"]["ms"].items())
-          + " (median of 5 interleaved runs)", flush=True)
-    print(f"decode step with nn.Linear unpacked: batch 1 {u1:.2f} ms, batch 8 {u8:.2f} ms ({u8 / u1:.2f}x)", flush=True)
+    print(f"decode step: batch 1 {b1:.2f} ms, batch 8 {b8:.2f} ms (medians); batch 8 / batch 1 {ratio:.2f}x "
+          f"(median of {len(steps['packed']['pair_ratios'])} back-to-back pairs: "
+          + ", ".join(f"{x:.2f}" for x in steps["packed"]["pair_ratios"]) + "); by part at 8: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in steps["packed"]["8"]["ms"].items()), flush=True)
+    print(f"decode step with nn.Linear unpacked: batch 1 {steps['unpacked']['1']['step_ms']:.2f} ms, batch 8 "
+          f"{u8:.2f} ms; batch 8 / batch 1 {ratio_unpacked:.2f}x", flush=True)
     if not args.skip_chatglm3:
         results["chatglm3"] = glm3 = chatglm3_row(cache, args.threads, args.clients)
         if glm3:
@@ -461,8 +474,8 @@ def main() -> int:
         "open_loop_best_within_1s_ttft_p99_rate": saturated["rate"],
         "open_loop_best_within_1s_ttft_p99_ms": saturated["ttft_p99_ms"],
         "open_loop_max_vs_sequential": max(r["vs_sequential"] for r in results["open_loop"]),
-        "step_batch8_vs_batch1": b8 / b1,
-        "step_batch8_vs_batch1_unpacked": u8 / u1,
+        "step_batch8_vs_batch1": ratio,
+        "step_batch8_vs_batch1_unpacked": ratio_unpacked,
         "step_batch8_packed_vs_unpacked": b8 / u8,
         "engine_vs_transformers_cb_in_process": ours["all_at_once_tokens_per_s"] / peer["tokens_per_s"],
         "engine_batch8_vs_transformers_cb_in_process": ours["all_at_once_batch8_tokens_per_s"] / peer["tokens_per_s"],
