@@ -1,7 +1,8 @@
 """Evaluation of the triage rules on a labelled JSONL set.
 
 Each line: {"text": str, "history": [str] (optional), "emergency": bool, "rule": str | null,
-"lang": "zh" | "en", "tag": str (optional, e.g. negated / remote / lookalike)}.
+"lang": "zh" | "en", "tag": str (optional, e.g. negated / remote / lookalike)}. An emergency's rule id may be null
+in a set written without reading the rules (it then counts for recall, not for per-rule recall).
 """
 
 from __future__ import annotations
@@ -136,6 +137,24 @@ EVAL_SETS = (
         "rules+backstop 97.5% / 2.2% (2/90); then its errors were read and bs6's training sets have near-twins of "
         "them (and of ~10 of its complaints): no longer blind",
     ),
+    EvalSet(
+        DATA_DIR / "triage_probe12.jsonl",
+        "seen",
+        "73 non-emergencies (adults', children's, look-alikes: past, hypothetical, negated; 2 repeats of other "
+        "sets dropped) and 55 emergencies in everyday words (35 adults', 20 children's), 20 in English, written by "
+        "a helper who saw neither the rules nor any other set (rule ids left null); first run (rules 2025.06-10, "
+        "bs6): rules only 74.5% / 2.7%, rules+backstop 94.5% / 4.1% (3/73); its misses (carbon monoxide from a coal "
+        "stove, a drain cleaner swallowed, an English overdose with a note) and a news look-alike led to rules "
+        "2025.06-11: no longer blind",
+    ),
+    EvalSet(
+        DATA_DIR / "triage_probe13.jsonl",
+        "blind",
+        "the same make as probe 12 by another helper (more relatives and bystanders writing, older patients, "
+        "pregnancy, teenagers, typos): 73 non-emergencies (2 repeats dropped), 55 emergencies, 20 in English, written "
+        "2026-12-01 before rules 2025.06-11; first run (rules 2025.06-11, bs6): rules only 85.5% / 1.3%, "
+        "rules+backstop 96.4% / 8.2% (6/73); never tuned on",
+    ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.
 DEFAULT_SETS = tuple(s.path for s in EVAL_SETS)
@@ -191,8 +210,8 @@ def load_cases(path: Path) -> list[Case]:
             )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}:{lineno}: bad evaluation record: {exc}") from exc
-        if case.emergency != (case.rule is not None):
-            raise ValueError(f"{path}:{lineno}: an emergency needs a rule id and a non-emergency none")
+        if not case.emergency and case.rule is not None:
+            raise ValueError(f"{path}:{lineno}: a non-emergency has no rule id")
         cases.append(case)
     return cases
 
@@ -205,13 +224,13 @@ def evaluate(triage: Triage, cases: Iterable[Case], name: str = "") -> Report:
         flagged = a.level == "emergency"
         if case.emergency:
             report.positives += 1
-            assert case.rule is not None
-            report.rule_total[case.rule] += 1
+            if case.rule is not None:
+                report.rule_total[case.rule] += 1
             if flagged:
                 report.true_pos += 1
                 if case.rule in a.rule_ids:
                     report.rule_hit[case.rule] += 1
-                else:
+                elif case.rule is not None:
                     report.wrong_rule.append((case, a.rule_ids))
             else:
                 report.misses.append(case)

@@ -72,6 +72,40 @@ def test_look_alikes_are_not_emergencies(triage: Triage, text: str) -> None:
     assert a.rule_ids == [] and a.advice == "" and a.prompt_note == ""
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "冬天在屋里烧煤取暖，早上老两口都头晕想吐",  # carbon monoxide: the source and the symptoms in two clauses
+        "房间里生着炭盆，我爸睡了一觉起来头痛得厉害",
+        "we run a kerosene heater in the bedroom and now both kids are dizzy and nauseous",
+        "女儿把洗甲水喝了一口",  # a household chemical swallowed
+        "老公喝了火碱，嘴里都烂了",
+        "he swallowed all of his heart tablets an hour ago",
+    ],
+)
+def test_poisoning_in_everyday_words(triage: Triage, text: str) -> None:
+    assert "poisoning_overdose" in rules_of(triage, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "炉子上煮着粥，有点头晕",  # a cooking stove is no carbon monoxide source on its own
+        "冬天用炭盆取暖要注意什么",  # a source without symptoms
+        "what's the best charcoal for a barbecue",
+        "新闻上说孩子误吞磁铁很危险，玩具该怎么选",  # news, not an event
+    ],
+)
+def test_poisoning_look_alikes(triage: Triage, text: str) -> None:
+    assert "poisoning_overdose" not in rules_of(triage, text)
+
+
+def test_not_wanting_to_be_here_is_suicidal_only_as_a_whole_statement(triage: Triage) -> None:
+    assert "suicide_risk" in rules_of(triage, "I'm so tired of everything. I don't want to be here.")
+    assert "suicide_risk" in rules_of(triage, "she says she doesn't want to be alive")
+    assert "suicide_risk" not in rules_of(triage, "I don't want to be here in the waiting room for hours")
+
+
 # -- negation, hedging, remote history -----------------------------------------------------------
 
 
@@ -334,13 +368,11 @@ def test_eval_sets_are_disjoint() -> None:
         seen |= texts
 
 
-# Tuned sets written to train the backstop, not the rules: their recall goal holds for the serving
-# configuration (rules + backstop), not for the rules alone.
 # Sets whose recall is asserted for rules + backstop (the backstop was trained on them or they were
 # written to measure it); the others must reach the goal with the rules alone.
 BACKSTOP_TRAINING_ONLY = {
     "triage_train_extra.jsonl", "triage_train_adult.jsonl", "triage_train_adult2.jsonl", "triage_train_child.jsonl",
-    "triage_adult_probe.jsonl", "triage_probe11.jsonl",
+    "triage_adult_probe.jsonl", "triage_probe11.jsonl", "triage_probe12.jsonl",
 }
 
 
