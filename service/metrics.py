@@ -38,11 +38,11 @@ class Metrics:
         self.active_streams.set_function(lambda: stats()["active"])
         self.queued_requests.set_function(lambda: stats()["queued"])
         self.queue_depth.set_function(lambda: stats()["queued"])
-        self.registry.register(_PromptCacheCollector(stats))
+        self.registry.register(_EngineCollector(stats))
 
 
-class _PromptCacheCollector(Collector):
-    """The engine's prompt-cache totals as counters (the engine counts; one stats() call per scrape)."""
+class _EngineCollector(Collector):
+    """The engine's running totals (prompt cache, worker time) as counters; one stats() call per scrape."""
 
     def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
         self.stats = stats
@@ -56,3 +56,13 @@ class _PromptCacheCollector(Collector):
                                   value=stats.get("prompt_cache_reused_tokens", 0))
         yield GaugeMetricFamily("doctorglm_prompt_cache_bytes", "Memory the prompt cache holds",
                                 value=stats.get("prompt_cache_bytes", 0))
+        # The worker's time: decode seconds / steps is the step under the real load; rows / steps the mean batch.
+        yield CounterMetricFamily("doctorglm_decode_steps", "Batched decode steps", value=stats.get("decode_steps", 0))
+        yield CounterMetricFamily("doctorglm_decode_rows", "Rows summed over batched decode steps",
+                                  value=stats.get("decode_rows", 0))
+        yield CounterMetricFamily("doctorglm_decode_seconds", "Worker time in batched decode steps",
+                                  value=stats.get("decode_us", 0) / 1e6)
+        yield CounterMetricFamily("doctorglm_prefills", "Prefill forwards (a group of arrivals each)",
+                                  value=stats.get("prefills", 0))
+        yield CounterMetricFamily("doctorglm_prefill_seconds", "Worker time in prefills",
+                                  value=stats.get("prefill_us", 0) / 1e6)

@@ -176,6 +176,15 @@ def test_metrics_parse_with_the_required_families(server) -> None:
     prompt_after, reused_after = totals(after)
     assert prompt_after > prompt_before and reused_after >= reused_before + 32
     assert after["doctorglm_prompt_cache_bytes"][0].value > 0
+    # The worker's time: the 4-token answer took decode steps of one row and one prefill.
+    def total(families: dict, name: str) -> float:
+        return next(s.value for s in families[name] if s.name == name + "_total")
+
+    assert total(after, "doctorglm_decode_steps") >= total(families, "doctorglm_decode_steps") + 3
+    assert total(after, "doctorglm_decode_rows") >= total(after, "doctorglm_decode_steps")
+    assert total(after, "doctorglm_decode_seconds") > total(families, "doctorglm_decode_seconds")
+    assert total(after, "doctorglm_prefills") == total(families, "doctorglm_prefills") + 1
+    assert total(after, "doctorglm_prefill_seconds") > total(families, "doctorglm_prefill_seconds")
     # Labels stay bounded: random paths are one "unmatched" route, never their own label.
     for i in range(5):
         httpx.get(server.url + f"/random-{i}-{time.time_ns()}")

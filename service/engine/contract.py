@@ -54,8 +54,9 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, int]:
-        """{"active": rows generating, "queued": requests waiting}; the local engine adds "prompt_tokens",
-        "prompt_cache_reused_tokens" (running totals) and "prompt_cache_bytes"."""
+        """{"active": rows generating, "queued": requests waiting}; the local engine adds running totals
+        "prompt_tokens", "prompt_cache_reused_tokens", "decode_steps", "decode_rows" (rows summed over steps),
+        "decode_us", "prefills", "prefill_us" (worker time, microseconds) and the gauge "prompt_cache_bytes"."""
         ...
 
     def abort_all(self, message: str) -> None:

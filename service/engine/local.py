@@ -218,9 +218,12 @@ class LocalEngine:
             self._cv.notify_all()
 
     def stats(self) -> dict[str, int]:
-        cache = self.prompt_cache
+        cache, t = self.prompt_cache, self.timings
+        step_s = t.cache_s + t.forward_s + t.sample_s + t.tokens_s + t.deliver_s
         return {"active": len(self._rows), "queued": len(self._waiting), "prompt_tokens": self.prompt_tokens,
-                "prompt_cache_reused_tokens": self.reused_tokens, "prompt_cache_bytes": cache.bytes if cache else 0}
+                "prompt_cache_reused_tokens": self.reused_tokens, "prompt_cache_bytes": cache.bytes if cache else 0,
+                "decode_steps": t.steps, "decode_rows": t.rows, "decode_us": round(step_s * 1e6),
+                "prefills": t.prefills, "prefill_us": round(t.prefill_s * 1e6)}
 
     def model_summary(self) -> dict[str, str | None]:
         from llm.quantize import model_summary
