@@ -138,6 +138,13 @@ EVAL_SETS = (
         "them (and of ~10 of its complaints): no longer blind",
     ),
     EvalSet(
+        DATA_DIR / "triage_train_adult3.jsonl",
+        "tuned",
+        "47 everyday look-alikes (chest-wall pain after exercise that hurts when pressed, toothache with a swollen "
+        "cheek, one vomit keeping fluids down, someone's past suicidal thoughts now treated, acne) and 12 "
+        "emergencies of the same families, written for bs7 after reading probe 13's false alarms (not copied)",
+    ),
+    EvalSet(
         DATA_DIR / "triage_probe12.jsonl",
         "seen",
         "73 non-emergencies (adults', children's, look-alikes: past, hypothetical, negated; 2 repeats of other "
@@ -149,11 +156,22 @@ EVAL_SETS = (
     ),
     EvalSet(
         DATA_DIR / "triage_probe13.jsonl",
-        "blind",
+        "seen",
         "the same make as probe 12 by another helper (more relatives and bystanders writing, older patients, "
         "pregnancy, teenagers, typos): 73 non-emergencies (2 repeats dropped), 55 emergencies, 20 in English, written "
         "2026-12-01 before rules 2025.06-11; first run (rules 2025.06-11, bs6): rules only 85.5% / 1.3%, "
-        "rules+backstop 96.4% / 8.2% (6/73); never tuned on",
+        "rules+backstop 96.4% / 8.2% (6/73); its errors were read: two missed wordings (a rash that a glass does not "
+        "fade, a child's 抽筋 that does not stop) and an acne false alarm led to rules 2025.06-12, its false alarms "
+        "to the families of triage_train_adult3 (bs7): no longer blind",
+    ),
+    EvalSet(
+        DATA_DIR / "triage_probe14.jsonl",
+        "blind",
+        "the same make as probes 12 and 13 by a third helper (more over-triage bait: muscular chest twinges, "
+        "palpitations after coffee, a usual migraine, a playing child with 39 degrees; emergencies told calmly): "
+        "124 after 6 repeats of other sets were dropped, written 2026-12-01 before rules 2025.06-12 and bs7; "
+        "first run (rules 2025.06-12, bs7): rules only 78.2% / 2.9%, rules+backstop 94.5% / 4.3% (3/69); never "
+        "tuned on",
     ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.

@@ -182,7 +182,7 @@ def train(out: Path = DEFAULT_BACKSTOP_PATH, log=print) -> Backstop:  # noqa: AN
     }
     log(f"  leave-one-set-out at threshold {thr:.4f}: {per_set}")
     rules_version = triage.version
-    model = fit(data.feats, data.y, lam, version=f"{rules_version}+bs6")
+    model = fit(data.feats, data.y, lam, version=f"{rules_version}+bs7")
     model = Backstop(
         version=model.version,
         threshold=round(thr, 6),

@@ -100,6 +100,15 @@ def test_poisoning_look_alikes(triage: Triage, text: str) -> None:
     assert "poisoning_overdose" not in rules_of(triage, text)
 
 
+def test_parents_words_for_a_fit_and_a_rash_that_does_not_fade(triage: Triage) -> None:
+    assert "seizure" in rules_of(triage, "女儿高烧，刚才突然抽筋了，眼睛发直")
+    assert "seizure" in rules_of(triage, "抽筋好几分钟了还不停")
+    for cramp in ("孩子睡觉时小腿抽筋", "游泳的时候脚抽筋了", "我儿子晚上腿抽筋，是不是缺钙"):
+        assert "seizure" not in rules_of(triage, cramp), cramp
+    assert "meningitis_signs" in rules_of(triage, "发烧两天，腿上有些红点，拿玻璃杯压着也不退色")
+    assert rules_of(triage, "十五岁女儿额头上长了好多青春痘") == []
+
+
 def test_not_wanting_to_be_here_is_suicidal_only_as_a_whole_statement(triage: Triage) -> None:
     assert "suicide_risk" in rules_of(triage, "I'm so tired of everything. I don't want to be here.")
     assert "suicide_risk" in rules_of(triage, "she says she doesn't want to be alive")
@@ -372,7 +381,8 @@ def test_eval_sets_are_disjoint() -> None:
 # written to measure it); the others must reach the goal with the rules alone.
 BACKSTOP_TRAINING_ONLY = {
     "triage_train_extra.jsonl", "triage_train_adult.jsonl", "triage_train_adult2.jsonl", "triage_train_child.jsonl",
-    "triage_adult_probe.jsonl", "triage_probe11.jsonl", "triage_probe12.jsonl",
+    "triage_train_adult3.jsonl", "triage_adult_probe.jsonl", "triage_probe11.jsonl", "triage_probe12.jsonl",
+    "triage_probe13.jsonl",
 }
 
 
