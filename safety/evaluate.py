@@ -166,12 +166,23 @@ EVAL_SETS = (
     ),
     EvalSet(
         DATA_DIR / "triage_probe14.jsonl",
-        "blind",
+        "seen",
         "the same make as probes 12 and 13 by a third helper (more over-triage bait: muscular chest twinges, "
         "palpitations after coffee, a usual migraine, a playing child with 39 degrees; emergencies told calmly): "
         "124 after 6 repeats of other sets were dropped, written 2026-12-01 before rules 2025.06-12 and bs7; "
-        "first run (rules 2025.06-12, bs7): rules only 78.2% / 2.9%, rules+backstop 94.5% / 4.3% (3/69); never "
-        "tuned on",
+        "first run (rules 2025.06-12, bs7): rules only 78.2% / 2.9%, rules+backstop 94.5% / 4.3% (3/69); its three "
+        "misses (an English plan with a rope, magnetic beads swallowed, a child drowsy and coughing after breathing "
+        "in bath water) led to rules 2025.06-13: no longer blind",
+    ),
+    EvalSet(
+        DATA_DIR / "triage_probe15.jsonl",
+        "blind",
+        "the same make by a fourth helper, with less common emergency families (sepsis in the elderly, a rigid "
+        "belly, DKA, sudden loss of vision in one eye, tearing back pain, a fish bone with drooling, heat stroke, a "
+        "dog bite to a child's face, a head knock on blood thinners) and non-emergencies sharing their words; "
+        "123 after 7 repeats of other sets were dropped (55 emergencies), written 2026-12-01 before rules "
+        "2025.06-13; first run (rules 2025.06-13, bs7): rules only 80.0% / 1.5%, rules+backstop 100% / 1.5% (1/68); "
+        "never tuned on",
     ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.

@@ -109,6 +109,18 @@ def test_parents_words_for_a_fit_and_a_rash_that_does_not_fade(triage: Triage) -
     assert rules_of(triage, "十五岁女儿额头上长了好多青春痘") == []
 
 
+def test_water_breathed_in_counts_with_the_signs_that_follow(triage: Triage) -> None:
+    assert "severe_breathing" in rules_of(triage, "女儿在游泳池被捞上来以后，一直咳，人有点迷糊")
+    assert "severe_breathing" in rules_of(triage, "we lifted him out of the bath, now he is floppy and keeps coughing")
+    assert rules_of(triage, "孩子游泳时呛了一口水，咳了两声就没事了") == []
+
+
+def test_english_plans_and_magnetic_beads(triage: Triage) -> None:
+    assert "suicide_risk" in rules_of(triage, "I'm ready to end it. Nobody will miss me")
+    assert "suicide_risk" not in rules_of(triage, "we are going to end it with the old landlord next month")
+    assert "poisoning_overdose" in rules_of(triage, "孩子把几颗磁力珠吞下去了")
+
+
 def test_not_wanting_to_be_here_is_suicidal_only_as_a_whole_statement(triage: Triage) -> None:
     assert "suicide_risk" in rules_of(triage, "I'm so tired of everything. I don't want to be here.")
     assert "suicide_risk" in rules_of(triage, "she says she doesn't want to be alive")
@@ -382,7 +394,7 @@ def test_eval_sets_are_disjoint() -> None:
 BACKSTOP_TRAINING_ONLY = {
     "triage_train_extra.jsonl", "triage_train_adult.jsonl", "triage_train_adult2.jsonl", "triage_train_child.jsonl",
     "triage_train_adult3.jsonl", "triage_adult_probe.jsonl", "triage_probe11.jsonl", "triage_probe12.jsonl",
-    "triage_probe13.jsonl",
+    "triage_probe13.jsonl", "triage_probe14.jsonl",
 }
 
 
