@@ -18,7 +18,7 @@ One run, one server, ratios against baselines measured in the same run:
   many rows as requests, which is what the manager runs).
 - a decode step by part (cache, forward, sample, tokens, deliver) at batch 1 and batch 8, in process, with the
   linear layers packed for oneDNN as the engine runs them on CPU (llm/cpu_linear.py) and as loaded (nn.Linear);
-  batch 1 and batch 8 run back to back, and the ratio is the median of nine such pairs (the machine drifts).
+  batch 1 and batch 8 run back to back, and the ratio is the median of ten such pairs (the machine drifts).
 - issue 13's row: a converted ChatGLM3 fixture (python -m training convert) served, 8 clients vs one at a time.
 
 Writes bench/results/serving.json and bench/results/serving.png.
@@ -217,16 +217,19 @@ def engine_in_process(model_dir: Path, reqs: list[Request]) -> dict[str, Any]:
             "prompt_tokens_mean": statistics.mean(len(p) for p in prompts)}
 
 
-def decode_steps(model_dir: Path, question: str, reps: int = 9, tokens: int = 96) -> dict[str, Any]:
+def decode_steps(model_dir: Path, question: str, reps: int = 10, tokens: int = 96) -> dict[str, Any]:
     """A decode step by part at batch 1 and 8, with the linear layers packed for oneDNN (as served on CPU) and
     as loaded. The machine's speed drifts by ±20 % within seconds, so batch 1 and batch 8 run back to back (in
-    alternating order) and each pair gives one ratio: the figure is the median of `reps` such paired ratios,
-    beside the median step of each case."""
+    alternating order: `reps` is even, so each order runs equally often) and each pair gives one ratio: the figure
+    is the median of `reps` such paired ratios, beside the median step of each case; packed against unpacked is
+    paired the same way (their batch-8 runs of one repetition)."""
     from service.engine.local import StepTimings
 
     engines = {"packed": _engine(model_dir, 8), "unpacked": _engine(model_dir, 8, pack_cpu_linear=False)}
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     pair_ratios: dict[str, list[float]] = {name: [] for name in engines}
+    packed_ratios: list[float] = []
+    batch8: dict[str, float] = {}
     try:
         for engine in engines.values():
             _run_all(engine, [("warm-up", 8)])
@@ -243,6 +246,8 @@ def decode_steps(model_dir: Path, question: str, reps: int = 9, tokens: int = 96
                     runs.setdefault((name, batch), []).append(
                         {"ms": parts, "step_ms": step[batch], "rows": t.rows / t.steps})
                 pair_ratios[name].append(step[8] / step[1])
+                batch8[name] = step[8]
+            packed_ratios.append(batch8["packed"] / batch8["unpacked"])
     finally:
         for engine in engines.values():
             engine.stop()
@@ -251,6 +256,7 @@ def decode_steps(model_dir: Path, question: str, reps: int = 9, tokens: int = 96
         ordered = sorted(rows, key=lambda r: r["step_ms"])
         out.setdefault(name, {})[str(batch)] = {**ordered[len(ordered) // 2],
                                                 "all_step_ms": [r["step_ms"] for r in rows]}
+    out["packed_vs_unpacked_batch8"] = statistics.median(packed_ratios)
     for name, ratios in pair_ratios.items():
         out[name]["pair_ratios"] = ratios
         out[name]["batch8_vs_batch1"] = statistics.median(ratios)
@@ -493,9 +499,10 @@ def main() -> int:
         "step_batch8_vs_batch1": ratio,
         # The same, read from the server's own counters: the closed loop's rows against one at a time, with the
         # designed prompts' real lengths and the HTTP/SSE work sharing the CPU (informational: not 8 rows exactly).
-        "server_step_closed_loop_vs_one_at_a_time": closed["worker"]["step_ms"] / seq["worker"]["step_ms"],
+        "server_step_closed_loop_vs_one_at_a_time": (closed["worker"]["step_ms"] / seq["worker"]["step_ms"]
+                                                     if seq["worker"]["step_ms"] else float("nan")),
         "step_batch8_vs_batch1_unpacked": ratio_unpacked,
-        "step_batch8_packed_vs_unpacked": b8 / u8,
+        "step_batch8_packed_vs_unpacked": steps["packed_vs_unpacked_batch8"],
         "engine_vs_transformers_cb_in_process": ours["all_at_once_tokens_per_s"] / peer["tokens_per_s"],
         "engine_batch8_vs_transformers_cb_in_process": ours["all_at_once_batch8_tokens_per_s"] / peer["tokens_per_s"],
     }

@@ -182,7 +182,7 @@ EVAL_SETS = (
         "dog bite to a child's face, a head knock on blood thinners) and non-emergencies sharing their words; "
         "123 after 7 repeats of other sets were dropped (55 emergencies), written 2026-12-01 before rules "
         "2025.06-13; first run (rules 2025.06-13, bs7): rules only 80.0% / 1.5%, rules+backstop 100% / 1.5% (1/68); "
-        "never tuned on",
+        "the same with 2025.06-14 (narrowed after a review, not on this set); never tuned on",
     ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.
@@ -288,7 +288,7 @@ def format_report(report: Report, rule_order: Sequence[str]) -> str:
     if report.misses:
         lines.append("misses (emergency not flagged):")
         for c in report.misses:
-            lines.append(f"  [{c.rule}] {c.text}" + (f"  history={list(c.history)}" if c.history else ""))
+            lines.append(f"  [{c.rule or '?'}] {c.text}" + (f"  history={list(c.history)}" if c.history else ""))
     if report.wrong_rule:
         lines.append("flagged under another rule:")
         lines += [f"  [{c.rule} -> {','.join(r)}] {c.text}" for c, r in report.wrong_rule]

@@ -57,10 +57,15 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("doctorglm_prompt_cache_bytes", "Memory the prompt cache holds",
                                 value=stats.get("prompt_cache_bytes", 0))
         # The worker's time: decode seconds / steps is the step under the real load; rows / steps the mean batch.
-        yield CounterMetricFamily("doctorglm_decode_steps", "Batched decode steps", value=stats.get("decode_steps", 0))
-        yield CounterMetricFamily("doctorglm_decode_rows", "Rows summed over batched decode steps",
+        # Only an engine that counts it (the local one): an upstream engine has no worker here, and a 0 that never
+        # moves would read as an idle worker on a dashboard.
+        if "decode_steps" not in stats:
+            return
+        yield CounterMetricFamily("doctorglm_decode_steps", "Decode steps (a batch forward, or a serial round)",
+                                  value=stats["decode_steps"])
+        yield CounterMetricFamily("doctorglm_decode_rows", "Rows summed over decode steps",
                                   value=stats.get("decode_rows", 0))
-        yield CounterMetricFamily("doctorglm_decode_seconds", "Worker time in batched decode steps",
+        yield CounterMetricFamily("doctorglm_decode_seconds", "Worker time in decode steps",
                                   value=stats.get("decode_us", 0) / 1e6)
         yield CounterMetricFamily("doctorglm_prefills", "Prefill forwards (a group of arrivals each)",
                                   value=stats.get("prefills", 0))

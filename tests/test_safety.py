@@ -94,30 +94,64 @@ def test_poisoning_in_everyday_words(triage: Triage, text: str) -> None:
         "冬天用炭盆取暖要注意什么",  # a source without symptoms
         "what's the best charcoal for a barbecue",
         "新闻上说孩子误吞磁铁很危险，玩具该怎么选",  # news, not an event
+        "吃了盐酸二甲双胍以后胃有点不舒服",  # 盐酸 / 硫酸 as a drug's salt, not the acid
+        "怀孕了在吃硫酸亚铁，便秘怎么办",
+        "我一直在吃硫酸氢氯吡格雷，最近牙龈出血",
+        "I take activated charcoal for bloating and I still feel nauseous",
+        "结婚跨火盆的时候崴了脚，有点头晕",
+        "用蜂窝煤炉子做饭，最近偏头痛又犯了",  # a usual migraine
+        "I took all my pills this morning as usual, but my blood pressure is still high",
+        "I've taken all the antibiotic tablets the doctor gave me and I still have a sore throat",
     ],
 )
 def test_poisoning_look_alikes(triage: Triage, text: str) -> None:
-    assert "poisoning_overdose" not in rules_of(triage, text)
+    assert rules_of(triage, text) == []
+
+
+def test_news_and_online_cues_do_not_silence_an_event(triage: Triage) -> None:
+    assert rules_of(triage, "爷爷看新闻时突然倒地叫不醒") != []
+    assert "cardiac_chest_pain" in rules_of(triage, "刚才看新闻突然胸口剧痛出冷汗")
+    assert "poisoning_overdose" in rules_of(triage, "孩子吞了纽扣电池网上说要喂蜂蜜")
+    assert rules_of(triage, "网上说孩子误吞磁铁很危险") == []
 
 
 def test_parents_words_for_a_fit_and_a_rash_that_does_not_fade(triage: Triage) -> None:
-    assert "seizure" in rules_of(triage, "女儿高烧，刚才突然抽筋了，眼睛发直")
+    # 眼睛发直 fired before 2025.06-12: these need the child's 抽筋 itself.
+    for fit in ("孩子发烧抽筋了", "宝宝突然抽筋了", "女儿高烧，刚才突然抽筋了，眼睛发直"):
+        assert "seizure" in rules_of(triage, fit), fit
     assert "seizure" in rules_of(triage, "抽筋好几分钟了还不停")
-    for cramp in ("孩子睡觉时小腿抽筋", "游泳的时候脚抽筋了", "我儿子晚上腿抽筋，是不是缺钙"):
+    for cramp in ("孩子睡觉时小腿抽筋", "游泳的时候脚抽筋了", "我儿子晚上腿抽筋，是不是缺钙",
+                  "儿子打篮球抽筋了，现在好了", "女儿游泳时抽筋了，上岸揉了揉就好了", "孩子缺钙晚上抽筋怎么办",
+                  "孩子胳膊抽筋", "孩子笑得抽筋"):
         assert "seizure" not in rules_of(triage, cramp), cramp
     assert "meningitis_signs" in rules_of(triage, "发烧两天，腿上有些红点，拿玻璃杯压着也不退色")
-    assert rules_of(triage, "十五岁女儿额头上长了好多青春痘") == []
+    for fever in ("孩子高烧，用了退烧药压着也不退", "孩子发烧39度，吃了退烧药体温压不退"):  # the fever, not a rash
+        assert "meningitis_signs" not in rules_of(triage, fever), fever
+    # 满脸青春痘 fired severe_breathing (脸…青) before the exclude; 额头上…青春痘 never did.
+    assert rules_of(triage, "儿子满脸青春痘，怎么治") == []
 
 
 def test_water_breathed_in_counts_with_the_signs_that_follow(triage: Triage) -> None:
     assert "severe_breathing" in rules_of(triage, "女儿在游泳池被捞上来以后，一直咳，人有点迷糊")
     assert "severe_breathing" in rules_of(triage, "we lifted him out of the bath, now he is floppy and keeps coughing")
     assert rules_of(triage, "孩子游泳时呛了一口水，咳了两声就没事了") == []
+    # A bath and a cold, a baby sleepy after a bath, asthma named: no water breathed in.
+    for text in ("宝宝感冒了，洗完澡从浴缸里抱出来以后一直咳嗽",
+                 "After I lifted her out of the bath she got sleepy, so I put her to bed.",
+                 "我儿子有哮喘，平时控制得很好。今天去游泳呛了几口水，想问下哮喘的孩子游泳要注意什么"):
+        assert rules_of(triage, text) == [], text
+    for text in ("we pulled our daughter out of the pool, she's coughing non-stop and very drowsy",
+                 "孩子差点淹着了，救上来后一直咳嗽", "我们把儿子从泳池里拉出来，他一直咳嗽，迷迷糊糊的"):
+        assert "severe_breathing" in rules_of(triage, text), text
 
 
 def test_english_plans_and_magnetic_beads(triage: Triage) -> None:
     assert "suicide_risk" in rules_of(triage, "I'm ready to end it. Nobody will miss me")
     assert "suicide_risk" not in rules_of(triage, "we are going to end it with the old landlord next month")
+    assert "suicide_risk" in rules_of(triage, "I'm ready to end it, nobody cares anymore")
+    for text in ("I found out I'm 7 weeks pregnant. We have decided to end it.",
+                 "the jump rope is ready, can my 6 year old skip rope after a sprained ankle?"):
+        assert "suicide_risk" not in rules_of(triage, text), text
     assert "poisoning_overdose" in rules_of(triage, "孩子把几颗磁力珠吞下去了")
 
 
@@ -379,6 +413,21 @@ def test_probe_sets_shape(triage: Triage) -> None:
     for name in ("triage_probe4.jsonl", "triage_probe5.jsonl"):
         cases = _set(name)
         assert len(cases) >= 30 and {c.lang for c in cases} == {"zh", "en"}
+
+
+def test_rule_ids_of_eval_sets(triage: Triage) -> None:
+    """Only a set written without the rules (probes 12-15) may leave an emergency's rule id out, and a tuned set
+    names only real rules: a missing or misspelt id in a tuned set is an error, not a silent gap in per-rule
+    recall. (Only names and ids are reported, never a complaint: some of these sets are blind.)"""
+    written_blind_to_rules = {f"triage_probe{n}.jsonl" for n in (12, 13, 14, 15)}
+    bad = set()
+    for es in EVAL_SETS:
+        for case in load_cases(es.path):
+            if case.emergency and case.rule is None and es.path.name not in written_blind_to_rules:
+                bad.add((es.path.name, None))
+            if es.kind == "tuned" and case.rule is not None and case.rule not in triage.rule_ids:
+                bad.add((es.path.name, case.rule))
+    assert not bad, sorted(bad, key=str)
 
 
 def test_eval_sets_are_disjoint() -> None:

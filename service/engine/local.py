@@ -528,6 +528,17 @@ class LocalEngine:
 
     def _serial_step(self) -> None:
         """Generic path for models whose cache cannot be batched: one forward per row, round robin."""
+        # Counted like a batched step (one round over the rows), so that /metrics' decode seconds / steps is a step
+        # here too; without it decode_steps stays 0 while decode_us grows by the deliveries.
+        started = time.perf_counter()
+        self.timings.steps += 1
+        self.timings.rows += sum(1 for row in self._rows if not (row.done or row.cancelled))
+        try:
+            self._serial_round()
+        finally:
+            self.timings.forward_s += time.perf_counter() - started
+
+    def _serial_round(self) -> None:
         for row in self._rows:
             if row.done or row.cancelled:
                 continue
