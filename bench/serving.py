@@ -226,39 +226,36 @@ def decode_steps(model_dir: Path, question: str, reps: int = 10, tokens: int = 9
     from service.engine.local import StepTimings
 
     engines = {"packed": _engine(model_dir, 8), "unpacked": _engine(model_dir, 8, pack_cpu_linear=False)}
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    pair_ratios: dict[str, list[float]] = {name: [] for name in engines}
-    packed_ratios: list[float] = []
-    batch8: dict[str, float] = {}
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}  # each case's runs, in repetition order
     try:
         for engine in engines.values():
             _run_all(engine, [("warm-up", 8)])
         for rep in range(reps):
             for name, engine in engines.items():
-                step: dict[int, float] = {}
                 for batch in ((1, 8) if rep % 2 == 0 else (8, 1)):
                     engine.timings = StepTimings()
                     _run_all(engine, [(question, tokens)] * batch)
                     t = engine.timings
                     parts = {k.removesuffix("_s"): v / t.steps * 1000 for k, v in dataclasses.asdict(t).items()
                              if k.endswith("_s") and k != "prefill_s"}
-                    step[batch] = sum(parts.values())
                     runs.setdefault((name, batch), []).append(
-                        {"ms": parts, "step_ms": step[batch], "rows": t.rows / t.steps})
-                pair_ratios[name].append(step[8] / step[1])
-                batch8[name] = step[8]
-            packed_ratios.append(batch8["packed"] / batch8["unpacked"])
+                        {"ms": parts, "step_ms": t.decode_s / t.steps * 1000, "rows": t.rows / t.steps})
     finally:
         for engine in engines.values():
             engine.stop()
+
+    def paired(a: tuple[str, int], b: tuple[str, int]) -> list[float]:
+        """Per repetition, case a's step over case b's: within one repetition the cases run seconds apart."""
+        return [x["step_ms"] / y["step_ms"] for x, y in zip(runs[a], runs[b], strict=True)]
+
     out: dict[str, Any] = {}
     for (name, batch), rows in runs.items():
         ordered = sorted(rows, key=lambda r: r["step_ms"])
         out.setdefault(name, {})[str(batch)] = {**ordered[len(ordered) // 2],
                                                 "all_step_ms": [r["step_ms"] for r in rows]}
-    out["packed_vs_unpacked_batch8"] = statistics.median(packed_ratios)
-    for name, ratios in pair_ratios.items():
-        out[name]["pair_ratios"] = ratios
+    out["packed_vs_unpacked_batch8"] = statistics.median(paired(("packed", 8), ("unpacked", 8)))
+    for name in engines:
+        out[name]["pair_ratios"] = ratios = paired((name, 8), (name, 1))
         out[name]["batch8_vs_batch1"] = statistics.median(ratios)
     return out
 

@@ -74,6 +74,11 @@ class StepTimings:
     tokens_s: float = 0.0
     deliver_s: float = 0.0
 
+    @property
+    def decode_s(self) -> float:
+        """The decode steps' time, all parts (prefills apart)."""
+        return self.cache_s + self.forward_s + self.sample_s + self.tokens_s + self.deliver_s
+
 
 @dataclass(eq=False)
 class _Row:
@@ -219,10 +224,9 @@ class LocalEngine:
 
     def stats(self) -> dict[str, int]:
         cache, t = self.prompt_cache, self.timings
-        step_s = t.cache_s + t.forward_s + t.sample_s + t.tokens_s + t.deliver_s
         return {"active": len(self._rows), "queued": len(self._waiting), "prompt_tokens": self.prompt_tokens,
                 "prompt_cache_reused_tokens": self.reused_tokens, "prompt_cache_bytes": cache.bytes if cache else 0,
-                "decode_steps": t.steps, "decode_rows": t.rows, "decode_us": round(step_s * 1e6),
+                "decode_steps": t.steps, "decode_rows": t.rows, "decode_us": round(t.decode_s * 1e6),
                 "prefills": t.prefills, "prefill_us": round(t.prefill_s * 1e6)}
 
     def model_summary(self) -> dict[str, str | None]:
