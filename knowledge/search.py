@@ -175,6 +175,8 @@ class Retriever:
             for n in dict.fromkeys(normalise(x.strip()) for x in (name, *aliases)):
                 if len(n) >= 2:
                     self._name_rows.setdefault(n, []).append(row)
+        self._short_names = self._short_name_forms()
+        self._short_matcher = _automaton(list(self._short_names)) if self._short_names else None
         st = self.settings
         self._evidence = EvidenceTable(index.fields["all"], index.aligned, index.size, EvidenceWeights(
             st.w_name, st.w_symptoms, st.w_prose, st.name_symptom_df, st.coverage_symptom_share))
@@ -185,6 +187,39 @@ class Retriever:
         self._scan_matcher: ahocorasick.Automaton | None = None
         self._symptom_entry = np.array([self._df("symptoms", normalise(strip_age(n))) >= self.settings.symptom_entry_df
                                         for n in m.names], dtype=bool)
+
+    def _short_name_forms(self) -> dict[str, list[str]]:
+        """Disease names as patients shorten them, without the generic suffix (手足口 for 手足口病, 梅尼埃 for
+        梅尼埃病): form -> the names. A form has 3+ characters and is no name, alias or symptom word itself
+        (肛门瘙痒 of 肛门瘙痒症 is a symptom); no other name holds it but before 病/症 (前列腺 of 前列腺病 also
+        opens 前列腺炎: a body part, not a name); and a form general Chinese uses too (吉普车 of 吉普车病) must
+        pass the generic-word test with the documents that write the name, at least two of them."""
+        text, library_words = self.index.text, set(self.index.text.user_words)
+        candidates: dict[str, list[str]] = {}
+        for name in self._name_rows:
+            form = name[:-1]
+            if name[-1] in "病症" and len(form) >= 3 and form[-1] not in "疾合" and form not in self._name_rows \
+                    and form not in library_words and all("\u4e00" <= c <= "\u9fff" for c in form):
+                candidates.setdefault(form, []).append(name)
+        if not candidates:
+            return {}
+        shared: set[str] = set()
+        inside = _automaton(list(candidates))
+        for name in self._name_rows:
+            for end, form in inside.iter(name):
+                if name[end + 1:end + 2] not in ("病", "症"):
+                    shared.add(form)
+        forms: dict[str, list[str]] = {}
+        for form, names in candidates.items():
+            if form in shared:
+                continue
+            general = text.word_freq.get(form, 0) / max(text.total_freq, 1)
+            if general:
+                df = max(self._df("all", n) for n in names)
+                if df < 2 or (df / self.size) / general < self.settings.generic_ratio:
+                    continue
+            forms[form] = names
+        return forms
 
     def _df(self, fname: str, term: str) -> int:
         model = self.index.fields[fname]
@@ -305,7 +340,7 @@ class Retriever:
         s = self.settings
         weights: Counter[str] = Counter()
         named: dict[str, float] = {}
-        current = self.index.text.query_terms(query)
+        current = self.index.text.query_terms(query, self._short_matcher)
         turns = [*decayed(list(history), s.history_decay), (query, 1.0)]
         if patient is not None:
             current.negated.extend(self._denied_terms(patient.negated_symptoms))
@@ -313,7 +348,10 @@ class Retriever:
                 turns.append(("、".join(patient.symptoms), 1.0))
         for i, (text, w) in enumerate(turns):
             is_now = i >= len(history)
-            qt = current if i == len(history) else self.index.text.query_terms(text)
+            qt = current if i == len(history) else self.index.text.query_terms(text, self._short_matcher)
+            for form in qt.name_forms:  # a name written short (手足口) names the disease as in full
+                for name in self._short_names[form]:
+                    named[name] = max(named.get(name, 0.0), w)
             # Repeats count with diminishing returns, so one long complaint does not drown the rest.
             lay = lay_terms()
             for group, factor in ((qt.terms, 1.0), (qt.subterms, s.subword_weight)):

@@ -270,6 +270,9 @@ class QueryTerms:
     # the tokenizer splits (憋不住尿 -> 憋不住 / 尿, 胃胀 -> 胃 / 胀) never reaches the per-token lookup.
     # A negated one is among `negated` instead.
     lay: list[str] = field(default_factory=list)
+    # Short forms of disease names found in the text (手足口 for 手足口病), outside a negation and not told
+    # as a past event; only when the caller passes their automaton (Retriever's short name forms).
+    name_forms: list[str] = field(default_factory=list)
 
 
 class TextProcessor:
@@ -336,8 +339,9 @@ class TextProcessor:
         """Tokens of a document field: content tokens only."""
         return [t for t in self.cut(text) if is_content(t)]
 
-    def query_terms(self, text: str) -> QueryTerms:
-        """Content terms of a complaint, with negated ones (没有发烧, 不咳嗽, denies fever) set aside."""
+    def query_terms(self, text: str, name_forms: ahocorasick.Automaton | None = None) -> QueryTerms:
+        """Content terms of a complaint, with negated ones (没有发烧, 不咳嗽, denies fever) set aside.
+        ``name_forms``: an automaton of short disease-name forms to find in the text (`QueryTerms.name_forms`)."""
         text = _ABSENT_MARK.sub(r"，无\1，", normalise(text))  # an EHR's "发热(-)" is "无发热"
         cues = cue_words()
         neg, breakers, joiners = cues["negation"], cues["negation_breakers"], cues["list_joiners"]
@@ -402,8 +406,14 @@ class TextProcessor:
             i = bisect.bisect_right(starts, start) - 1
             denied = i >= 0 and starts[i] in denied_at
             (out.negated if denied else out.lay).append(key)
+        if name_forms is not None:  # as the lay keys: matched on the text, since jieba splits them (手足 / 口)
+            for end, form in name_forms.iter_long(text):
+                i = bisect.bisect_right(starts, end - len(form) + 1) - 1
+                if i >= 0 and starts[i] not in denied_at and stream[i] not in out.past:
+                    out.name_forms.append(form)
         out.negated = list(dict.fromkeys(out.negated))
         out.lay = list(dict.fromkeys(out.lay))
+        out.name_forms = list(dict.fromkeys(out.name_forms))
         return out
 
     def _content_subwords(self, token: str) -> tuple[str, ...] | None:

@@ -261,3 +261,35 @@ def test_rank_fusion_for_patients_not_known_to_be_children(tiny: Retriever) -> N
     assert [h.disease.id for h in fused] == expected
     scores = [h.score for h in fused]
     assert scores == sorted(scores, reverse=True) and scores[0] <= 2 / 61
+
+
+SHORT_DOCS = [
+    {"id": "s1", "name": "手足口病", "department": ["儿科"], "description": "手足口病是肠道病毒引起的传染病。",
+     "symptoms": ["发热", "皮疹", "疱疹"], "diagnosis": "手、足、口腔出现疱疹。", "prevalence": "1%"},
+    {"id": "s2", "name": "口腔炎", "department": ["口腔科"], "description": "口腔黏膜的炎症，可见疱疹。",
+     "symptoms": ["口腔溃疡", "疱疹", "发热"], "diagnosis": "口腔黏膜见溃疡。", "prevalence": "20%"},
+    {"id": "s3", "name": "前列腺病", "description": "前列腺的疾病。", "symptoms": ["尿频"], "prevalence": "1%"},
+    {"id": "s4", "name": "前列腺炎", "description": "前列腺的炎症。", "symptoms": ["尿频", "尿痛"], "prevalence": "1%"},
+    {"id": "s5", "name": "肛门瘙痒症", "description": "肛门周围瘙痒。", "symptoms": ["肛门瘙痒"], "prevalence": "1%"},
+    {"id": "s6", "name": "吉普车病", "description": "骶尾部的藏毛窦。", "symptoms": ["骶尾部肿痛"], "prevalence": "1%"},
+]
+
+
+@pytest.fixture()
+def short_named(tmp_path: Path) -> Retriever:
+    return Retriever.load_or_build(write_library(tmp_path / "lib.jsonl", SHORT_DOCS), tmp_path / "cache",
+                                   progress=False)
+
+
+def test_a_name_written_without_its_suffix_names_the_disease(short_named: Retriever) -> None:
+    query = "孩子发烧，嘴里有疱疹，医生怀疑是手足口"
+    assert short_named.search(query).hits[0].disease.id == "s1"
+    assert "手足口病" in short_named._query(query, [])[2]
+    # Denied or told as a past event it names nothing, as a full name would not.
+    assert "手足口病" not in short_named._query("没有手足口，嘴里有疱疹", [])[2]
+    assert "手足口病" not in short_named._query("以前得过手足口，现在嘴里有疱疹", [])[2]
+
+
+def test_short_forms_leave_out_body_parts_symptoms_and_everyday_words(short_named: Retriever) -> None:
+    forms = short_named._short_names
+    assert forms == {"手足口": ["手足口病"]}  # 前列腺 opens 前列腺炎 too, 肛门瘙痒 is a symptom, 吉普车 a car
