@@ -38,7 +38,7 @@ eval: $(STAMP)
 			--label-map $(SHARED)/eval/label_map.json --form $$form --split $$half --quiet || exit 1; done; done
 	@echo "adult complaints (project-written probes: tuned; blind, blind 2, blind 3 as totals only):"
 	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_complaints.jsonl
-	@for probe in adult_blind adult_lay_blind2 adult_lay_blind3 adult_lay_blind4; do $(PY) -m knowledge eval \
+	@for probe in adult_blind adult_lay_blind2 adult_lay_blind3 adult_lay_blind4 adult_lay_blind5; do $(PY) -m knowledge eval \
 		--library $(SHARED)/diseases.jsonl --data knowledge/data/probes/$$probe.jsonl --quiet || exit 1; done
 	@echo "dialogue lay: held-out dialogue questions that do not name their disease (the view is built from the rest):"
 	@if [ -d $(SHARED)/dialogues ]; then \

@@ -293,3 +293,21 @@ def test_a_name_written_without_its_suffix_names_the_disease(short_named: Retrie
 def test_short_forms_leave_out_body_parts_symptoms_and_everyday_words(short_named: Retriever) -> None:
     forms = short_named._short_names
     assert forms == {"手足口": ["手足口病"]}  # 前列腺 opens 前列腺炎 too, 肛门瘙痒 is a symptom, 吉普车 a car
+
+
+def test_every_probe_label_can_be_found_in_the_library(shared_data: Path) -> None:
+    """Each probe case must have a library disease that counts as right under the evaluation's rule (its label
+    or an also_correct name), or the probe measures a disease the search can never return."""
+    from knowledge.evaluate import is_correct
+    from knowledge.schema import load_library
+
+    diseases = load_library(shared_data / "diseases.jsonl").diseases
+    probes = Path(__file__).resolve().parent.parent / "knowledge" / "data" / "probes"
+    missing = []
+    for path in sorted(probes.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            case = json.loads(line)
+            labels = (case["label_disease"], *case.get("also_correct", []))  # as evaluate() counts a hit
+            if not any(is_correct(d, label) for d in diseases for label in labels):
+                missing.append((path.name, case["label_disease"]))
+    assert not missing, missing

@@ -161,6 +161,28 @@ def test_not_wanting_to_be_here_is_suicidal_only_as_a_whole_statement(triage: Tr
     assert "suicide_risk" not in rules_of(triage, "I don't want to be here in the waiting room for hours")
 
 
+
+def test_a_finding_said_to_be_fine_and_devices_and_screens_are_no_event(triage: Triage) -> None:
+    # Rules 2025.06-15, after probe 16's false alarms (each in general form, each with the emergency beside it).
+    assert rules_of(triage, "搬完家具第二天胸口肌肉酸疼，按着疼，喘气没问题") == []
+    for text in ("胸口疼得厉害，出冷汗，喘气费劲", "胸口疼，出汗，喘气不正常", "胸口压着疼，出冷汗，这样正常吗",
+                 "胸口疼，喘气没问题但是出冷汗"):
+        assert "cardiac_chest_pain" in rules_of(triage, text), text
+    assert rules_of(triage, "想问家里要不要装一氧化碳报警器") == []
+    assert rules_of(triage, "一氧化碳报警器响了一下，人都没事，是不是误报") == []
+    for text in ("一氧化碳报警器响了，家里人都头疼想吐", "燃气报警器一直在叫，奶奶头晕恶心", "孩子一氧化碳中毒了"):
+        assert "poisoning_overdose" in rules_of(triage, text), text
+    assert rules_of(triage, "电视上看到心脏骤停要做心肺复苏，想学一下") == []
+    assert rules_of(triage, "爷爷看电视时突然倒地叫不醒") != []
+    assert rules_of(triage, "孩子不喘气了，想学人工呼吸怎么做") != []
+
+
+def test_sleepiness_after_a_short_night_is_not_a_head_injury_sign(triage: Triage) -> None:
+    serving = Triage.from_file(backstop=True)
+    assert not serving.assess("昨天熬夜到三点，今天一整天都犯困").is_emergency
+    assert serving.assess("孩子摔到头了，吐了两次，一直犯困").is_emergency
+    assert "severe_injury" in rules_of(triage, "昨晚没睡好，今天孩子从床上摔下来磕到头，一直犯困还吐了")
+
 # -- negation, hedging, remote history -----------------------------------------------------------
 
 
@@ -416,10 +438,10 @@ def test_probe_sets_shape(triage: Triage) -> None:
 
 
 def test_rule_ids_of_eval_sets(triage: Triage) -> None:
-    """Only a set written without the rules (probes 12-15) may leave an emergency's rule id out, and a tuned set
+    """Only a set written without the rules (probes 12-16) may leave an emergency's rule id out, and a tuned set
     names only real rules: a missing or misspelt id in a tuned set is an error, not a silent gap in per-rule
     recall. (Only names and ids are reported, never a complaint: some of these sets are blind.)"""
-    written_blind_to_rules = {f"triage_probe{n}.jsonl" for n in (12, 13, 14, 15)}
+    written_blind_to_rules = {f"triage_probe{n}.jsonl" for n in (12, 13, 14, 15, 16)}
     bad = set()
     for es in EVAL_SETS:
         for case in load_cases(es.path):
@@ -443,7 +465,7 @@ def test_eval_sets_are_disjoint() -> None:
 BACKSTOP_TRAINING_ONLY = {
     "triage_train_extra.jsonl", "triage_train_adult.jsonl", "triage_train_adult2.jsonl", "triage_train_child.jsonl",
     "triage_train_adult3.jsonl", "triage_adult_probe.jsonl", "triage_probe11.jsonl", "triage_probe12.jsonl",
-    "triage_probe13.jsonl", "triage_probe14.jsonl",
+    "triage_probe13.jsonl", "triage_probe14.jsonl", "triage_probe16.jsonl",
 }
 
 
