@@ -1,9 +1,8 @@
 """Search time with and without the dialogue view (knowledge/dialogue_view.py), alternated per query.
 
-The view is off for children, and bench/retrieval.py's complaints are mostly children's; this mixes the
-first 250 dxy_dev complaints, the tuned adult probe and 250 held-out dialogue questions, runs every query
-through both retrievers (order swapped each round) and prints CPU-time percentiles of the thread, plus the
-cached load time of the index alone and of index + view. Prints only; writes nothing.
+This mixes the first 250 dxy_dev complaints, the tuned adult probe and 250 held-out dialogue questions, runs
+every query through both retrievers (order swapped each round) and prints CPU-time percentiles of the thread,
+plus the cached load time of the index alone and of index + view. Prints only; writes nothing.
 
     python bench/dialogue_view.py [--library ../shared/data/diseases.jsonl] [--rounds 3]
 """

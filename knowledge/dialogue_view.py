@@ -6,7 +6,7 @@ disease (name or alias, longest match, not negated, not an entry named after a b
 is a patient's own description of that disease. From those labels, built deterministically: a "patients'
 words" field per disease, the search words of its questions (the search's own query processing, plus the
 everyday words the library never uses, so 没劲儿 or 肚子痛 reach the diseases whose patients say them), which
-`Retriever.search` scores with BM25 against the complaint of a patient not identified as a child. The
+`Retriever.search` scores with BM25 against the complaint. The
 question count per disease is kept too (`counts`, printed by `python -m knowledge dialogues`); as a
 commonness prior it lowered the adult probe at every weight tried (docs/retrieval.md), so it is not used.
 

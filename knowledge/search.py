@@ -112,12 +112,12 @@ class SearchSettings:
     # customary 60, not tuned). Children: off, their common infections need the priors. Emergencies: off.
     fusion_depth: int = 5
     fusion_k: float = 60.0
-    # The dialogue view (knowledge/dialogue_view.py), when the retriever has one, for a patient not
-    # identified as a child: BM25 of the complaint against each disease's patients' words, normalised by
-    # its best score as the fielded score is, and that ranking as a third view in the fusion. Chosen on
-    # dxy_dev half a, the tuned adult probe and the held-out dialogue questions (docs/retrieval.md).
+    # The dialogue view (knowledge/dialogue_view.py), when the retriever has one: BM25 of the complaint
+    # against each disease's patients' words, normalised by its best score as the fielded score is, and for
+    # a patient not identified as a child that ranking as a third view in the fusion. Chosen on dxy_dev half
+    # a, the tuned adult probe and the held-out dialogue questions; for children since the short name forms
+    # (docs/retrieval.md step 9).
     w_view_words: float = 0.5
-    view_children: bool = False  # also for children (half a: free text top-1 37.0% -> 33.2%)
     view_fused: bool = True  # the third fusion view (off: half a top-1 37.0% -> 36.0%)
 
 
@@ -530,7 +530,7 @@ class Retriever:
                 # view lifts a disease many patients ask about without telling it apart from its neighbours.
                 library = final
                 heard = None  # the patients' words part of the score
-                if self.view is not None and s.w_view_words and (s.view_children or not cues.child):
+                if self.view is not None and s.w_view_words:
                     said = self.view.word_scores(self._view_weights(weights, current), self.size)
                     best = said.max()
                     if best > 0:

@@ -155,9 +155,14 @@ def test_patients_words_move_the_ranking_their_way(with_dialogues: Path, tmp_pat
     assert lead(heard) > lead(plain)
     off = Retriever(heard.index, SearchSettings(w_view_words=0.0), heard.view)
     assert off.search(COMPLAINT).hits[0].disease.id == "g1"
-    # Children keep the library's ranking (the dialogues are adults' questions).
+    # Children too (parents ask the dialogue doctors), without the fusion adults get.
     child = "宝宝3岁，" + COMPLAINT
-    assert [h.score for h in heard.search(child).hits] == [h.score for h in plain.search(child).hits]
+
+    def child_lead(r: Retriever) -> float:
+        scores = {h.disease.id: h.score for h in r.search(child).hits}
+        return scores["g2"] - scores["g1"]
+
+    assert child_lead(heard) > child_lead(plain)
 
 
 def test_no_dialogues_folder_means_no_view(library: Path, tmp_path: Path) -> None:
@@ -165,16 +170,16 @@ def test_no_dialogues_folder_means_no_view(library: Path, tmp_path: Path) -> Non
     assert Retriever.load_or_build(library, tmp_path / "cache", progress=False).view is None
 
 
-def test_children_get_the_same_results_with_and_without_the_view(with_dialogues: Path, tmp_path: Path) -> None:
+def test_the_view_never_makes_a_child_s_search_confident(with_dialogues: Path, tmp_path: Path) -> None:
     heard = Retriever.load_or_build(with_dialogues, tmp_path / "cache", progress=False)
     none = Retriever.load_or_build(with_dialogues, tmp_path / "cache", progress=False, dialogues=False)
     assert heard.view is not None and none.view is None
-    adult = heard.search(COMPLAINT), none.search(COMPLAINT)
-    assert [h.score for h in adult[0].hits] != [h.score for h in adult[1].hits]  # the view is on for adults
+    moved = 0
     for q in (COMPLAINT, "胸口闷得慌，胸闷", "打喷嚏，鼻子痒痒的", "尿频尿急"):
         a, b = heard.search("宝宝3岁，" + q), none.search("宝宝3岁，" + q)
-        assert [(h.disease.id, h.score) for h in a.hits] == [(h.disease.id, h.score) for h in b.hits]
-        assert a.confident == b.confident
+        moved += [h.score for h in a.hits] != [h.score for h in b.hits]
+        assert not a.confident or b.confident  # it may take confidence away, never give it
+    assert moved  # the view is on for children
 
 
 def test_lines_that_are_not_utf8_are_skipped(with_dialogues: Path, tmp_path: Path,
