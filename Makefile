@@ -36,7 +36,7 @@ eval: $(STAMP)
 	@for form in text list structured; do for half in a b; do \
 		$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data $(SHARED)/eval/dxy_dev.jsonl \
 			--label-map $(SHARED)/eval/label_map.json --form $$form --split $$half --quiet || exit 1; done; done
-	@echo "adult complaints (project-written probes: tuned; blind, blind 2, blind 3 as totals only):"
+	@echo "adult complaints (project-written probes: tuned; blind, blind 2 to 5 as totals only):"
 	$(PY) -m knowledge eval --library $(SHARED)/diseases.jsonl --data knowledge/data/probes/adult_complaints.jsonl
 	@for probe in adult_blind adult_lay_blind2 adult_lay_blind3 adult_lay_blind4 adult_lay_blind5; do $(PY) -m knowledge eval \
 		--library $(SHARED)/diseases.jsonl --data knowledge/data/probes/$$probe.jsonl --quiet || exit 1; done

@@ -192,8 +192,9 @@ class Retriever:
         """Disease names as patients shorten them, without the generic suffix (手足口 for 手足口病, 梅尼埃 for
         梅尼埃病): form -> the names. A form has 3+ characters and is no name, alias or symptom word itself
         (肛门瘙痒 of 肛门瘙痒症 is a symptom); no other name holds it but before 病/症 (前列腺 of 前列腺病 also
-        opens 前列腺炎: a body part, not a name); and a form general Chinese uses too (吉普车 of 吉普车病) must
-        pass the generic-word test with the documents that write the name, at least two of them."""
+        opens 前列腺炎: a body part, not a name); at least two documents write the name (日本人 of 日本人病 is
+        written by its own document only); and a form general Chinese uses too (吉普车 of 吉普车病) must pass
+        the generic-word test with those documents. Matched on whole tokens only (TextProcessor.query_terms)."""
         text, library_words = self.index.text, set(self.index.text.user_words)
         candidates: dict[str, list[str]] = {}
         for name in self._name_rows:
@@ -211,13 +212,12 @@ class Retriever:
                     shared.add(form)
         forms: dict[str, list[str]] = {}
         for form, names in candidates.items():
-            if form in shared:
+            df = max(self._df("all", n) for n in names)
+            if form in shared or df < 2:  # a name no other document writes is no name patients shorten
                 continue
             general = text.word_freq.get(form, 0) / max(text.total_freq, 1)
-            if general:
-                df = max(self._df("all", n) for n in names)
-                if df < 2 or (df / self.size) / general < self.settings.generic_ratio:
-                    continue
+            if general and (df / self.size) / general < self.settings.generic_ratio:
+                continue
             forms[form] = names
         return forms
 
@@ -374,7 +374,8 @@ class Retriever:
                     weights[term] = max(weights[term], w * s.scan_weight)
             for term in qt.negated:
                 if is_now:
-                    for t in (term, *lay_terms().get(term, ()), *self._variants(term)):
+                    shortened = self._short_names.get(term, ())  # 没有手足口 denies 手足口病
+                    for t in (term, *lay_terms().get(term, ()), *self._variants(term), *shortened):
                         weights.pop(t, None)  # "no fever now" overrides fever mentioned earlier
                         named.pop(t, None)
         current.negated = list(dict.fromkeys(current.negated))

@@ -407,9 +407,17 @@ class TextProcessor:
             denied = i >= 0 and starts[i] in denied_at
             (out.negated if denied else out.lay).append(key)
         if name_forms is not None:  # as the lay keys: matched on the text, since jieba splits them (手足 / 口)
+            token_starts = set(starts)
+            token_ends = {at + len(tok) for at, tok in zip(starts, stream, strict=True)}
             for end, form in name_forms.iter_long(text):
-                i = bisect.bisect_right(starts, end - len(form) + 1) - 1
-                if i >= 0 and starts[i] not in denied_at and stream[i] not in out.past:
+                start = end - len(form) + 1
+                if start not in token_starts or end + 1 not in token_ends:
+                    continue  # whole tokens only: 产后目 is not in 产后 / 目前, 发结节 not in 多发 / 结节
+                if start in denied_at:
+                    out.negated.append(form)  # 没有手足口: its names are denied, as a full name would be
+                    continue
+                first, last = bisect.bisect_left(starts, start), bisect.bisect_left(starts, end + 1)
+                if not out.past.intersection(stream[first:last]):  # 手足口后一直咳嗽: the cue marks 口
                     out.name_forms.append(form)
         out.negated = list(dict.fromkeys(out.negated))
         out.lay = list(dict.fromkeys(out.lay))
