@@ -193,8 +193,9 @@ class Retriever:
         梅尼埃病): form -> the names. A form has 3+ characters and is no name, alias or symptom word itself
         (肛门瘙痒 of 肛门瘙痒症 is a symptom); no other name holds it but before 病/症 (前列腺 of 前列腺病 also
         opens 前列腺炎: a body part, not a name); at least two documents write the name (日本人 of 日本人病 is
-        written by its own document only); and a form general Chinese uses too (吉普车 of 吉普车病) must pass
-        the generic-word test with those documents. Matched on whole tokens only (TextProcessor.query_terms)."""
+        written by its own document only), and not more than twice as many the form (放线菌: an organism); and a
+        form general Chinese uses too (吉普车 of 吉普车病) must pass the generic-word test with those documents.
+        TextProcessor.query_terms matches them on whole tokens after a naming word (确认是手足口)."""
         text, library_words = self.index.text, set(self.index.text.user_words)
         candidates: dict[str, list[str]] = {}
         for name in self._name_rows:
@@ -214,6 +215,8 @@ class Retriever:
         for form, names in candidates.items():
             df = max(self._df("all", n) for n in names)
             if form in shared or df < 2:  # a name no other document writes is no name patients shorten
+                continue
+            if self._df("all", form) > 2 * df:  # written far more on its own: an organism (放线菌 32, 放线菌病 7)
                 continue
             general = text.word_freq.get(form, 0) / max(text.total_freq, 1)
             if general and (df / self.size) / general < self.settings.generic_ratio:

@@ -255,6 +255,13 @@ _LIST_COLON = frozenset({":", "："})
 _ABSENT_MARK = re.compile(r"([^\s,，.。;；:：、()（）\[\]]{1,12})\s*[(（]\s*(?:[-−－]|阴性)\s*[)）]")
 
 
+# A disease name written short must be named as one (确认是手足口, 怀疑手足口, 得了梅尼埃): the same characters
+# elsewhere are ordinary words (表演了一个小舞蹈, 红细胞原卟啉偏高, 面包上的曲霉菌).
+_NAMING_BEFORE = re.compile(
+    r"(?:是|得了|患了|患有|确诊|诊断|确定|怀疑|担心|考虑|可能|疑似|说是|查出|判断|像是)"
+    r"(?:为|是|了|的|成)?[^，。；！？,.;!?]{0,2}$")
+
+
 @dataclass
 class QueryTerms:
     """Search terms of one text: kept terms, negated terms and the raw token stream."""
@@ -417,7 +424,9 @@ class TextProcessor:
                     out.negated.append(form)  # 没有手足口: its names are denied, as a full name would be
                     continue
                 first, last = bisect.bisect_left(starts, start), bisect.bisect_left(starts, end + 1)
-                if not out.past.intersection(stream[first:last]):  # 手足口后一直咳嗽: the cue marks 口
+                if out.past.intersection(stream[first:last]):  # 手足口后一直咳嗽: the cue marks 口
+                    continue
+                if _NAMING_BEFORE.search(text, max(0, start - 8), start):  # 确认是手足口, not 表演了一个小舞蹈
                     out.name_forms.append(form)
         out.negated = list(dict.fromkeys(out.negated))
         out.lay = list(dict.fromkeys(out.lay))

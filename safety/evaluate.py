@@ -182,18 +182,17 @@ EVAL_SETS = (
         "dog bite to a child's face, a head knock on blood thinners) and non-emergencies sharing their words; "
         "123 after 7 repeats of other sets were dropped (55 emergencies), written 2026-12-01 before rules "
         "2025.06-13; first run (rules 2025.06-13, bs7): rules only 80.0% / 1.5%, rules+backstop 100% / 1.5% (1/68); "
-        "the same with 2025.06-14 (narrowed after a review, not on this set); with 2025.06-15 (probe 16's fixes) "
-        "rules only 80.0% / 0.0%, rules+backstop unchanged; never tuned on",
+        "the same with 2025.06-14 (narrowed after a review, not on this set); never tuned on",
     ),
     EvalSet(
         DATA_DIR / "triage_probe16.jsonl",
         "seen",
-        "the same make by a fifth helper (heat stroke, drowning, electric shock, reduced fetal movement, a child's "
-        "alcohol, look-alikes sharing their words): 121 after 4 near-repeats of other sets were dropped (53 "
+        "the same make by a fifth helper (heat stroke, near-drowning, electric shock, reduced fetal movement, a "
+        "child's liquor, look-alikes sharing their words): 121 after 4 near-repeats of other sets were dropped (53 "
         "emergencies, 10 in English), written 2026-12-01 after rules 2025.06-14; first run (rules 2025.06-14, bs7): "
-        "rules only 79.2% / 4.4%, rules+backstop 100% / 5.9% (4/68); its false alarms (chest-muscle soreness after "
-        "bench presses with '喘气没问题', a question about a carbon monoxide alarm, CPR seen on television, "
-        "sleepiness after staying up) led to rules 2025.06-15: no longer blind",
+        "rules only 79.2% / 4.4%, rules+backstop 100% / 5.9% (4/68); its false alarms were read (chest-muscle "
+        "soreness with '喘气没问题', a question about a carbon-monoxide alarm, CPR seen on television, sleepiness "
+        "after staying up) and kept as over-triage: every narrow fix tried silenced emergencies (docs/safety.md)",
     ),
 )
 # Tuned sets first (eval, holdout), as before; then the probes.

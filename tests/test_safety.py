@@ -161,45 +161,26 @@ def test_not_wanting_to_be_here_is_suicidal_only_as_a_whole_statement(triage: Tr
     assert "suicide_risk" not in rules_of(triage, "I don't want to be here in the waiting room for hours")
 
 
-
-def test_breathing_said_to_be_fine_and_alarm_and_tv_questions_are_no_event(triage: Triage) -> None:
-    # Rules 2025.06-15, after probe 16's false alarms, each in a narrow form beside the emergencies it must keep.
-    assert rules_of(triage, "搬完家具第二天胸口肌肉酸疼，按着疼，喘气没问题") == []
-    for text in ("胸口疼得厉害，出冷汗，喘气费劲", "胸口疼，喘气没问题但是出冷汗", "胸痛出冷汗，喘气没问题吧"):
-        assert "cardiac_chest_pain" in rules_of(triage, text), text
-    assert rules_of(triage, "想问家里要不要装一氧化碳报警器") == []
-    assert rules_of(triage, "家里装了燃气热水器，想问一氧化碳报警器有没有必要装") == []
-    for text in ("一氧化碳报警器响了，家里人都头疼想吐", "燃气报警器一直在叫，奶奶头晕恶心", "孩子一氧化碳中毒了",
-                 "煤气报警器报了好几次警，孩子头疼", "装了一氧化碳报警器，可是孩子还是头疼想吐",
-                 "一氧化碳检测仪读数很高，老婆头晕想吐", "煤气报警器亮红灯了，一家人都头晕"):
-        assert "poisoning_overdose" in rules_of(triage, text), text
-    assert rules_of(triage, "电视上看到心脏骤停要做心肺复苏，想学一下具体步骤") == []
-    for text in ("爷爷看电视时突然倒地叫不醒", "电视上看到的那种胸口压榨样疼我现在就是，还出冷汗",
-                 "保姆发来的视频里看到孩子在抽搐", "刚才和我妈视频，视频里看到她嘴歪了说话含糊",
-                 "爸爸心脏骤停想学心肺复苏步骤"):
-        assert rules_of(triage, text) != [], text
-
-
 @pytest.mark.parametrize("text", [
-    # A finding followed by 没事 / 正常 / 挺好 about something else, or about an earlier moment, still counts:
-    # a post-negation written for 喘气没问题 once silenced all of these (review of 2025.06-15).
+    # Written by two reviewers against narrow fixes for probe 16's false alarms (a reassurance word after a
+    # finding, a carbon-monoxide alarm as a device, television as a remote context, sleepiness after a short
+    # night); each fix silenced some of these, so none was kept (docs/safety.md, probe 16). They guard any
+    # later attempt.
     "孩子抽搐没事吧", "宝宝抽筋了没事吧？", "孩子突然抽搐体温正常怎么回事", "孩子抽搐完又正常了", "胸痛出冷汗正常吧",
     "胸口剧痛呼吸正常出冷汗", "呼吸困难没事吧", "孩子吞了纽扣电池现在没事", "吃了一瓶安眠药现在没事",
-    "喝了农药现在没事",
-    "突然口齿不清后来正常了", "2个月宝宝发烧吃奶正常", "宝宝1个月精神挺好就是发烧38度", "孕妇胎动减少其他都正常",
-    "孕32周阴道流血其他都正常", "孩子摔到头吐了精神挺好", "孩子精神挺好，被开水烫伤了手臂起水泡",
+    "喝了农药现在没事", "突然口齿不清后来正常了", "2个月宝宝发烧吃奶正常", "宝宝1个月精神挺好就是发烧38度",
+    "孕妇胎动减少其他都正常", "孕32周阴道流血其他都正常", "孩子摔到头吐了精神挺好",
+    "孩子精神挺好，被开水烫伤了手臂起水泡", "一氧化碳报警器响了，要不要去医院？",
+    "家里煤气报警器一直在响，要不要打120？", "装了一氧化碳报警器，可是孩子还是头疼想吐",
+    "爷爷看电视上播的节目时一下子倒在地上没反应了", "我爸在看电视上播的球赛时突然胸口剧痛满头大汗",
+    "我爸就像电视上说的那样半边身子突然动不了了", "电视上看到的那种胸口压榨样疼我现在就是，还出冷汗",
+    "孩子头着地了，昨晚失眠，现在犯困", "孩子昨天摔到头，晚上没睡好，今天一直犯困",
+    "昨晚没睡好今天一直犯困，早上摔到头了",
 ])
-def test_a_word_of_reassurance_beside_a_red_flag_does_not_cancel_it(triage: Triage, text: str) -> None:
+def test_a_reassurance_a_device_a_screen_or_a_short_night_beside_a_red_flag_does_not_cancel_it(
+        triage: Triage, text: str) -> None:
     assert rules_of(triage, text) != []
 
-
-def test_sleepiness_after_a_short_night_is_not_a_head_injury_sign(triage: Triage) -> None:
-    serving = Triage.from_file(backstop=True)
-    assert not serving.assess("昨天熬夜到三点，今天一整天都犯困").is_emergency
-    # The head-injury sign stays wherever the injury is written (before, between or after the short night).
-    for text in ("孩子昨天摔到头，晚上没睡好，今天一直犯困", "孩子头撞了一下，晚上睡得晚，现在一直犯困",
-                 "奶奶头撞到柜子，失眠了一夜，今天一直犯困", "昨晚没睡好今天一直犯困，早上摔到头了"):
-        assert "severe_injury" in rules_of(triage, text), text
 
 # -- negation, hedging, remote history -----------------------------------------------------------
 
