@@ -295,7 +295,9 @@ def test_a_name_written_without_its_suffix_names_the_disease(short_named: Retrie
     # Denied or told as a past event it names nothing, as a full name would not.
     assert "手足口病" not in short_named._query("没有手足口，嘴里有疱疹", [])[2]
     assert "手足口病" not in short_named._query("以前得过手足口，现在嘴里有疱疹", [])[2]
-    assert "手足口病" not in short_named._query("手足口后一直有疱疹", [])[2]  # 后 marks the last token (口)
+    assert "手足口病" not in short_named._query("得了手足口后一直有疱疹", [])[2]  # 后 marks the last token (口)
+    # Named as a disease only after a naming word: a vaccine or a bare mention names nothing.
+    assert "手足口病" not in short_named._query("上周打了手足口疫苗，嘴里有疱疹", [])[2]
     # Denied now, it cancels the name an earlier turn gave.
     assert "手足口病" not in short_named._query("查过了没有手足口，嘴里有疱疹", ["会不会是手足口"])[2]
 
@@ -309,10 +311,14 @@ def test_short_forms_of_the_full_library(shared_data: Path, cache_dir: Path) -> 
     r = Retriever.load_or_build(shared_data / "diseases.jsonl", cache_dir, progress=False, dialogues=False)
     forms = r._short_names
     assert {"手足口", "梅尼埃", "精神分裂"} <= set(forms)
-    assert not {"前列腺", "吉普车", "日本人", "染色体", "支气管"} & set(forms)
-    # Whole tokens only: a form that starts or ends inside a word is no name.
-    for text in ("我产后目前三个月，腰疼得厉害", "体检发现肺部多发结节", "糖尿病性心肌梗塞怎么治疗", "食积胃口不好"):
+    assert not {"前列腺", "吉普车", "日本人", "染色体", "支气管", "放线菌", "曲霉菌"} & set(forms)
+    # Whole tokens only: a form that starts or ends inside a word is no name, even after a naming word.
+    for text in ("可能是产后目前的问题", "医生说是多发结节", "可能是糖尿病性心肌梗塞", "是食积胃口不好"):
         assert r.index.text.query_terms(text, r._short_matcher).name_forms == [], text
+    # Ordinary words, lab values and organisms are no names: not after a naming word, nor as an organism.
+    for text in ("孩子跳小舞蹈的时候摔了一跤", "体检红细胞原卟啉偏高", "面包长毛了，是曲霉菌吗", "牙齿里有放线菌吗"):
+        assert r.index.text.query_terms(text, r._short_matcher).name_forms == [], text
+    assert r.index.text.query_terms("医生说是梅尼埃", r._short_matcher).name_forms == ["梅尼埃"]
 
 
 def test_every_probe_label_can_be_found_in_the_library(shared_data: Path) -> None:
