@@ -196,7 +196,7 @@ class Retriever:
         written by its own document only), and not more than twice as many the form (放线菌: an organism); and a
         form general Chinese uses too (吉普车 of 吉普车病) must pass the generic-word test with those documents.
         TextProcessor.query_terms matches them on whole tokens after a naming word (确认是手足口)."""
-        text, library_words = self.index.text, set(self.index.text.user_words)
+        text, library_words = self.index.text, self._user_words
         candidates: dict[str, list[str]] = {}
         for name in self._name_rows:
             form = name[:-1]

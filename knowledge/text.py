@@ -413,10 +413,13 @@ class TextProcessor:
             i = bisect.bisect_right(starts, start) - 1
             denied = i >= 0 and starts[i] in denied_at
             (out.negated if denied else out.lay).append(key)
-        if name_forms is not None:  # as the lay keys: matched on the text, since jieba splits them (手足 / 口)
+        # As the lay keys: matched on the text, since jieba splits them (手足 / 口). Most complaints hold none, so
+        # the token boundaries are only laid out when one is found.
+        matches = list(name_forms.iter_long(text)) if name_forms is not None else []
+        if matches:
             token_starts = set(starts)
             token_ends = {at + len(tok) for at, tok in zip(starts, stream, strict=True)}
-            for end, form in name_forms.iter_long(text):
+            for end, form in matches:
                 start = end - len(form) + 1
                 if start not in token_starts or end + 1 not in token_ends:
                     continue  # whole tokens only: 产后目 is not in 产后 / 目前, 发结节 not in 多发 / 结节
